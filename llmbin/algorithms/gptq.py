@@ -1,0 +1,37 @@
+"""The one GPTQ reconstruction loop (Frantar et al.), with the number format plugged in.
+
+Columns are quantized left to right; each column's error, scaled by the inverse-Hessian
+Cholesky factor, is fed back into the columns not yet quantized. Updates are applied lazily
+per block of columns (the paper's "lazy batch" trick) so most of the work is one matmul.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
+"""``(w_column (N,), column_index) -> quantized column (N,)``; must be a pure function."""
+
+
+def gptq_reconstruct(
+    W: torch.Tensor, Hinv_upper: torch.Tensor, quantize_column: ColumnQuantizer, blocksize: int = 128
+) -> torch.Tensor:
+    """Quantize ``W (N, K)`` column by column with error feedback; returns the quantized ``Q``."""
+    W = W.clone()
+    Q = torch.zeros_like(W)
+    columns = W.shape[1]
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        W1 = W[:, start:end]
+        Hinv1 = Hinv_upper[start:end, start:end]
+        Err1 = torch.zeros_like(W1)
+        for i in range(end - start):
+            w = W1[:, i]
+            q = quantize_column(w, start + i)
+            Q[:, start + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, end:] -= Err1 @ Hinv_upper[start:end, end:]
+    return Q

@@ -1,0 +1,178 @@
+"""``llmbin`` command line: ``quantize`` and ``eval``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .errors import LlmbinError
+
+
+def _method_options(parser: argparse.ArgumentParser) -> list[str]:
+    """One ``--option`` per field of every registered method config (defaults stay in the config)."""
+    from .config import QuantConfig
+    from .registry import _METHODS
+
+    names, group = [], parser.add_argument_group("method options (defaults are each method's own)")
+    for cls in [QuantConfig] + [c for c, _ in _METHODS.values()]:
+        for field in dataclasses.fields(cls):
+            if field.name in names:
+                continue
+            names.append(field.name)
+            flag = "--" + field.name.replace("_", "-")
+            kind = type(field.default)
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                group.add_argument(flag, type=kind, default=None, metavar=field.name.upper())
+    return names
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    from . import __version__
+    from .registry import available_methods
+
+    parser = argparse.ArgumentParser(prog="llmbin", description="Post-training binarization of causal LMs.")
+    parser.add_argument("--version", action="version", version=f"llmbin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate, binarize and write a packed checkpoint")
+    q.add_argument("--model", required=True, help="hub id, local HF folder, .gguf file, or 'smollm2-135m'")
+    q.add_argument("--method", required=True, choices=available_methods())
+    q.add_argument("--calib-data", default="wikitext2", help="wikitext2, c4, ptb, or a .parquet/.jsonl/.txt file")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", help="where each block is quantized (cpu, cuda, cuda:1, ...)")
+    q.add_argument("--out", required=True, help="checkpoint directory to create")
+    q.add_argument("--json", help="write a JSON report (bits, bytes, time, peak memory) here")
+    q.add_argument("--eval-ppl", metavar="DATASET", help="after saving, also report the in-memory model's perplexity")
+    q.add_argument("--eval-seqlen", type=int, default=2048)
+    q.add_argument("--max-windows", type=int, help="with --eval-ppl: evaluate only the first N windows")
+    q.add_argument("--no-progress", action="store_true")
+    options = _method_options(q)
+
+    e = sub.add_parser("eval", help="perplexity of a packed checkpoint or an original model")
+    e.add_argument("checkpoint", nargs="?", help="llmbin checkpoint directory")
+    e.add_argument("--model", help="an original model instead (hub id, folder, .gguf, 'smollm2-135m')")
+    e.add_argument("--ppl", default="wikitext2", help="data set for perplexity (wikitext2, c4, ptb)")
+    e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file with the evaluation text")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    e.add_argument("--json", help="write the results as JSON here")
+    e.add_argument("--no-progress", action="store_true")
+    return parser, options
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cmd_quantize(args, option_names: list[str]) -> dict:
+    from . import quantize, save
+    from .bits import bit_report, directory_bytes
+    from .data.calibration import calibration_windows
+    from .models import load_model
+    from .registry import make_config
+
+    out = Path(args.out)
+    if out.exists():
+        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
+    options = {k: getattr(args, k) for k in option_names if getattr(args, k) is not None}
+    config = make_config(args.method, **options)
+    model, tokenizer = load_model(args.model)
+    calibration = calibration_windows(tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
+    info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    work_dir = out.parent / f"{out.name}.partial"
+    start = time.perf_counter()
+    try:
+        quantize(model, config, calibration, device=args.device, progress=not args.no_progress,
+                 work_dir=str(work_dir), calibration_info={"model": args.model, **info})
+    except KeyboardInterrupt:
+        raise LlmbinError(f"interrupted; finished blocks are kept in {work_dir}, rerun the same command to resume") from None
+    seconds = time.perf_counter() - start
+    save(model, tokenizer, out)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    bits = bit_report(model)
+    report = {"model": args.model, "method": args.method, "config": config.to_dict(), "calibration": info,
+              "bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
+              "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()}
+    print(f"wrote {out}: {bits['bits_per_weight']:.3f} bits/weight in the quantized layers, "
+          f"{report['disk_bytes'] / 2**20:.1f} MiB on disk (fp16: {bits['fp16_bytes'] / 2**20:.1f} MiB), "
+          f"{seconds:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB")
+    if args.eval_ppl:
+        ppl = _perplexity(model, tokenizer, args.eval_ppl, None, args.eval_seqlen, args.max_windows, args.no_progress)
+        report["ppl_in_memory"] = {args.eval_ppl: ppl}
+        print(f"in-memory {args.eval_ppl} perplexity {ppl:.3f}")
+    return report
+
+
+def _perplexity(model, tokenizer, dataset, eval_data, seqlen, max_windows, no_progress) -> float:
+    from .data.text import resolve_text
+    from .evaluate.perplexity import perplexity
+
+    ids = tokenizer(resolve_text(eval_data or dataset, "test"), return_tensors="pt").input_ids[0]
+    return perplexity(model, ids, seqlen, max_windows, progress=not no_progress)
+
+
+def cmd_eval(args) -> dict:
+    from .bits import bit_report, directory_bytes
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+    if args.checkpoint:
+        from transformers import AutoTokenizer
+
+        from .checkpoint import load
+
+        model = load(args.checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    else:
+        from .models import load_model
+
+        model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    ppl = _perplexity(model, tokenizer, args.ppl, args.eval_data, args.seqlen, args.max_windows, args.no_progress)
+    report = {"ppl": {args.ppl if not args.eval_data else Path(args.eval_data).stem: ppl},
+              "bits_per_weight": bit_report(model)["bits_per_weight"],
+              "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None,
+              "model": args.checkpoint or args.model, "seqlen": args.seqlen,
+              "max_windows": args.max_windows, "eval_seconds": time.perf_counter() - start,
+              "peak_rss_mib": _peak_rss_mib()}
+    name = next(iter(report["ppl"]))
+    bpw = report["bits_per_weight"]
+    print(f"{report['model']}: {name} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser, option_names = build_parser()
+        args = parser.parse_args(argv)
+        if args.no_progress:
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+        report = cmd_quantize(args, option_names) if args.command == "quantize" else cmd_eval(args)
+        _write_json(args.json, report)
+    except LlmbinError as exc:
+        print(f"llmbin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmbin: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

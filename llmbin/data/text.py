@@ -1,0 +1,81 @@
+"""Text for calibration and evaluation: the standard data sets (hub or local copy) and local files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LlmbinError
+from .paths import local_file
+
+DATASETS = ("wikitext2", "c4", "ptb")
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """Rows of text from a parquet file (``text`` column), a jsonl file (``text`` field) or a txt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlmbinError(f"data file {path} does not exist; pass an existing .parquet, .jsonl or .txt file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise LlmbinError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+        return [t or "" for t in table.column("text").to_pylist()]
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise LlmbinError(f"{path}:{n} is not a JSON object with a 'text' field") from None
+        return rows
+    if suffix in (".txt", ".raw", ".text"):
+        return path.read_text(encoding="utf-8").split("\n")
+    raise LlmbinError(f"unsupported data file type {suffix!r} for {path}; use .parquet, .jsonl or .txt")
+
+
+def _from_hub(dataset: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    try:
+        if dataset == "wikitext2":
+            return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        if dataset == "ptb":
+            return load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        return load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
+    except Exception as exc:  # network, auth or missing data set: all the user can fix the same way
+        raise LlmbinError(
+            f"could not load {dataset} ({split}) from the Hugging Face hub ({type(exc).__name__}); "
+            "go online, or pass a local file (--calib-data PATH / --eval-data PATH) or set LLMBIN_DATA"
+        ) from None
+
+
+def dataset_text(dataset: str, purpose: str) -> str:
+    """The joined text of a standard data set: ``purpose`` is ``calibration`` (train split) or ``test``."""
+    if dataset not in DATASETS:
+        raise LlmbinError(f"unknown data set {dataset!r}; use one of {', '.join(DATASETS)} or a file path")
+    local = local_file(dataset, purpose)
+    if local is not None:
+        rows = read_text_file(local)
+    else:
+        rows = _from_hub(dataset, "train" if purpose == "calibration" else ("validation" if dataset == "c4" else "test"))
+    return join_rows(rows, dataset)
+
+
+def join_rows(rows: list[str], dataset: str = "wikitext2") -> str:
+    # The papers' conventions: wikitext rows joined with blank lines, PTB sentences with spaces.
+    return (" " if dataset == "ptb" else "\n\n").join(rows)
+
+
+def resolve_text(source: str, purpose: str) -> str:
+    """A data set name or a file path -> joined text."""
+    if source in DATASETS:
+        return dataset_text(source, purpose)
+    if Path(source).suffix or Path(source).exists():
+        return join_rows(read_text_file(source))
+    raise LlmbinError(f"unknown data source {source!r}; use one of {', '.join(DATASETS)} or a path to a data file")

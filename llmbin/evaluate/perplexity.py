@@ -1,0 +1,28 @@
+"""Perplexity by the papers' protocol: one tokenized text, non-overlapping windows, exp(mean NLL)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import LlmbinError
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> float:
+    """``exp`` of the mean next-token NLL over ``numel // seqlen`` non-overlapping windows."""
+    windows = token_ids.numel() // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise LlmbinError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+        ids = token_ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, ids[0, 1:], reduction="mean").item()
+    return math.exp(total / windows)

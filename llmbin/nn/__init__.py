@@ -1,0 +1,3 @@
+from .binary_linear import BinaryLinear
+
+__all__ = ["BinaryLinear"]

@@ -1,0 +1,36 @@
+import torch
+
+from llmbin.algorithms.binarize import binarize, fit_binary
+from llmbin.algorithms.gptq import gptq_reconstruct
+from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
+from llmbin.algorithms.metrics import hessian_weighted_error, sqnr_db
+
+
+def test_identity_format_reproduces_the_weights(layer_problem):
+    W, H = layer_problem
+    W, H = prepare_hessian(W, H, 0.01)
+    Q = gptq_reconstruct(W, inverse_cholesky(H), lambda w, j: w, blocksize=32)
+    assert torch.allclose(Q, W, atol=1e-6)
+
+
+def test_block_size_does_not_change_the_result(layer_problem):
+    W, H = layer_problem
+    W, H = prepare_hessian(W.double(), H.double(), 0.01)
+    U = inverse_cholesky(H)
+    rtn = lambda w, j: torch.round(w * 20) / 20  # noqa: E731
+    assert torch.allclose(gptq_reconstruct(W, U, rtn, 7), gptq_reconstruct(W, U, rtn, 128), atol=1e-9)
+
+
+def test_gptq_binarization_beats_plain_sign_binarization(layer_problem):
+    W, H = layer_problem
+    W, H = prepare_hessian(W, H, 0.01)
+    mu, alpha = fit_binary(W, torch.ones_like(W, dtype=torch.bool))
+    rtn = binarize(W, mu[:, None], alpha[:, None])
+    gptq = gptq_reconstruct(W, inverse_cholesky(H), lambda w, j: binarize(w, mu, alpha))
+    assert hessian_weighted_error(W, gptq, H) < 0.95 * hessian_weighted_error(W, rtn, H)
+
+
+def test_sqnr():
+    x = torch.ones(100, dtype=torch.float64)
+    assert sqnr_db(x, x) == float("inf")
+    assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-9

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from llmbin.algorithms.hessian import accumulate_hessian, inverse_cholesky, prepare_hessian
+from llmbin.errors import LlmbinError
+
+
+def test_running_hessian_equals_batch_formula():
+    X = torch.randn(3, 50, 8, dtype=torch.float64)
+    H, n = torch.zeros(8, 8, dtype=torch.float64), 0
+    for batch in X:
+        H, n = accumulate_hessian(H, n, batch)
+    flat = X.reshape(-1, 8)
+    assert n == 150
+    assert torch.allclose(H, 2 * flat.T @ flat / 150)
+
+
+def test_dead_inputs_are_zeroed_and_damped():
+    H = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
+    W = torch.ones(2, 3)
+    W2, H2 = prepare_hessian(W, H, percdamp=0.5)
+    assert torch.equal(W2[:, 1], torch.zeros(2)) and torch.equal(W2[:, 0], torch.ones(2))
+    assert torch.allclose(torch.diag(H2), torch.tensor([2.0, 1.0, 4.0]) + 0.5 * 7 / 3)
+    assert torch.equal(W, torch.ones(2, 3))  # inputs untouched
+
+
+def test_inverse_cholesky_factorises_the_inverse(layer_problem):
+    _, H = layer_problem
+    U = inverse_cholesky(H.double())
+    assert torch.allclose(U.T @ U, torch.linalg.inv(H.double()), atol=1e-8)
+    assert torch.equal(U, torch.triu(U))
+
+
+def test_indefinite_hessian_gets_a_clear_error():
+    with pytest.raises(LlmbinError, match="percdamp"):
+        inverse_cholesky(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))

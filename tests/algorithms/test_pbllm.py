@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from llmbin.algorithms.binarize import binarize, fit_binary
+from llmbin.algorithms.gptq import gptq_reconstruct
+from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
+from llmbin.algorithms.metrics import hessian_weighted_error
+from llmbin.algorithms.pbllm import pbllm_quantize, salient_mask
+from llmbin.config import PBLLMConfig
+from llmbin.errors import LlmbinError
+from llmbin.registry import make_config
+
+
+def _gptq_int8_error(W, H):
+    W2, H2 = prepare_hessian(W, H, 0.01)
+    scale = (W2.abs().amax(1) / 127).half().float()
+    q = gptq_reconstruct(W2, inverse_cholesky(H2), lambda w, j: torch.clamp(torch.round(w / scale), -127, 127) * scale)
+    return hessian_weighted_error(W, q, H)
+
+
+def test_all_salient_matches_8bit_gptq(layer_problem):
+    W, H = layer_problem
+    packed = pbllm_quantize(W, H, PBLLMConfig(salient_frac=1.0))
+    assert hessian_weighted_error(W, packed.decode(), H) == pytest.approx(_gptq_int8_error(W, H), rel=1e-4)
+
+
+def test_no_salient_beats_plain_sign_binarization(layer_problem):
+    W, H = layer_problem
+    mu, alpha = fit_binary(W, torch.ones_like(W, dtype=torch.bool))
+    rtn = hessian_weighted_error(W, binarize(W, mu[:, None], alpha[:, None]), H)
+    assert hessian_weighted_error(W, pbllm_quantize(W, H, PBLLMConfig(salient_frac=0.0)).decode(), H) < 0.95 * rtn
+
+
+def test_error_falls_as_the_salient_fraction_grows(layer_problem):
+    W, H = layer_problem
+    errors = [hessian_weighted_error(W, pbllm_quantize(W, H, PBLLMConfig(salient_frac=f)).decode(), H)
+              for f in (0.0, 0.1, 0.3)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_refit_of_scales_lowers_the_hessian_weighted_error(layer_problem):
+    W, H = layer_problem
+    plain = pbllm_quantize(W, H, PBLLMConfig(refit_scales=False)).decode()
+    refit = pbllm_quantize(W, H, PBLLMConfig(refit_scales=True)).decode()
+    assert hessian_weighted_error(W, refit, H) < hessian_weighted_error(W, plain, H)
+
+
+@pytest.mark.parametrize("metric", ["hessian", "magnitude"])
+def test_salient_fraction_is_exact(layer_problem, metric):
+    W, H = layer_problem
+    packed = pbllm_quantize(W, H, PBLLMConfig(salient_frac=0.1, salient_metric=metric))
+    assert packed.salient.count == round(0.1 * W.numel())
+
+
+def test_magnitude_metric_keeps_the_largest_weights():
+    W = torch.arange(20.0).reshape(4, 5) - 10
+    mask = salient_mask(W, torch.eye(5), 0.2, "magnitude")
+    assert torch.equal(torch.sort(W[mask].abs()).values, torch.tensor([8.0, 9.0, 9.0, 10.0]))
+
+
+def test_hessian_metric_prefers_inputs_the_output_is_sensitive_to():
+    W = torch.ones(4, 5)
+    Hinv_upper = torch.diag(torch.tensor([1.0, 1.0, 0.1, 1.0, 1.0]))
+    assert salient_mask(W, Hinv_upper, 0.2, "hessian")[:, 2].all()
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"salient_frac": 1.5}, "salient-frac"),
+    ({"salient_metric": "random"}, "salient-metric"),
+    ({"percdamp": 0.0}, "percdamp"),
+    ({"salient_bits": 9}, "salient_bits"),
+    ({"group_size": 64}, "unknown option"),
+])
+def test_invalid_options_are_rejected(options, match):
+    with pytest.raises(LlmbinError, match=match):
+        make_config("pb-llm", **options)
+
+
+def test_unknown_method_lists_the_available_ones():
+    with pytest.raises(LlmbinError, match="available: pb-llm"):
+        make_config("billm-xxl")

@@ -1,0 +1,78 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llmbin.data.calibration import calibration_windows, sample_windows
+from llmbin.data.text import read_text_file, resolve_text
+from llmbin.errors import LlmbinError
+
+
+def test_windows_are_seeded_and_deterministic():
+    ids = torch.arange(10_000)
+    a, b = sample_windows(ids, 8, 128, seed=0), sample_windows(ids, 8, 128, seed=0)
+    assert a.shape == (8, 128) and torch.equal(a, b)
+    assert not torch.equal(a, sample_windows(ids, 8, 128, seed=1))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 127, dtype=torch.long))  # contiguous windows
+
+
+def test_text_shorter_than_one_window_is_a_clear_error():
+    with pytest.raises(LlmbinError, match="shorter than one window of 2048"):
+        sample_windows(torch.arange(100), 4, 2048, seed=0)
+
+
+def test_exactly_one_window_is_enough():
+    assert torch.equal(sample_windows(torch.arange(64), 3, 64, 0), torch.arange(64).repeat(3, 1))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "txt"])
+def test_local_file_formats(tmp_path, fmt):
+    rows = ["first line", "", "second line"]
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": rows}), path)
+    elif fmt == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": r}) for r in rows) + "\n")
+    else:
+        path.write_text("\n".join(rows))
+    assert read_text_file(path) == rows
+    assert resolve_text(str(path), "calibration") == "first line\n\n\n\nsecond line"
+
+
+@pytest.mark.parametrize("content,name,match", [
+    (None, "missing.txt", "does not exist"),
+    ("x", "data.csv", "unsupported data file type"),
+    ('{"body": 1}\n', "data.jsonl", "'text' field"),
+])
+def test_bad_data_files(tmp_path, content, name, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(LlmbinError, match=match):
+        read_text_file(path)
+
+
+def test_parquet_without_text_column(tmp_path):
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "d.parquet")
+    with pytest.raises(LlmbinError, match="no 'text' column"):
+        read_text_file(tmp_path / "d.parquet")
+
+
+def test_unknown_data_set_name():
+    with pytest.raises(LlmbinError, match="wikitext2, c4, ptb"):
+        resolve_text("wikitext103", "calibration")
+
+
+def test_calibration_from_a_tokenized_file(tokenizer, text_file):
+    windows = calibration_windows(tokenizer, str(text_file), nsamples=3, seqlen=32, seed=0)
+    assert windows.shape == (3, 32) and windows.dtype == torch.long
+
+
+def test_local_wikitext_copy_is_used_when_present(tmp_path, monkeypatch):
+    folder = tmp_path / "wikitext" / "wikitext-2-raw-v1"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a", "b"]}), folder / "test-00000-of-00001.parquet")
+    monkeypatch.setenv("LLMBIN_DATA", str(tmp_path))
+    assert resolve_text("wikitext2", "test") == "a\n\nb"

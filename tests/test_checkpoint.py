@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import llmbin
+from llmbin.bits import bit_report, directory_bytes
+from llmbin.errors import LlmbinError
+from tests.conftest import tiny_model
+
+CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
+INPUT = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def saved(request, tmp_path_factory):
+    model = llmbin.quantize(tiny_model(request.param), llmbin.PBLLMConfig(), CALIB, progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / request.param
+    llmbin.save(model, None, out)
+    return model, out
+
+
+def test_saved_then_loaded_logits_are_identical(saved):
+    model, out = saved
+    loaded = llmbin.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+
+
+def test_config_records_method_parameters_and_versions(saved):
+    _, out = saved
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 1
+    assert q["llmbin_version"] == llmbin.__version__
+    assert q["salient_frac"] == 0.1 and q["salient_metric"] == "hessian" and q["percdamp"] == 0.01
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "llmbin-packed" and meta["format_version"] == "1"
+    assert "model.layers.0.self_attn.q_proj" in json.loads(meta["layers"])
+
+
+def test_packed_layers_are_stored_at_their_true_size(saved):
+    model, out = saved
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        planes = f.get_tensor("model.layers.0.mlp.up_proj.planes")
+        assert planes.dtype == torch.uint8 and planes.shape == (1, 96, 8)  # 64 inputs -> 8 bytes per row
+        others = [k for k in f.keys() if "layers" in k and k.endswith("weight") and "norm" not in k]
+        assert others == []  # no float copy of any quantized weight
+    report = bit_report(model)
+    assert report["quantized_bits"] / 8 < directory_bytes(out)
+    assert 1.0 < report["bits_per_weight"] < 4.0
+
+
+def test_existing_output_directory_is_refused(saved):
+    model, out = saved
+    with pytest.raises(LlmbinError, match="already exists"):
+        llmbin.save(model, None, out)
+
+
+def test_failed_save_leaves_no_directory(tmp_path):
+    model = llmbin.quantize(tiny_model(), llmbin.PBLLMConfig(), CALIB, progress=False)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        llmbin.save(model, BrokenTokenizer(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _copy(out, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_truncated_checkpoint_gets_a_clear_error(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LlmbinError, match="truncated or corrupt"):
+        llmbin.load(dst)
+
+
+def _rewrite(path, edit_tensors=None, edit_meta=None):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("edit_tensors,edit_meta,match", [
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.planes", t["model.layers.0.mlp.up_proj.planes"][:, :5]),
+     None, "damaged"),
+    (lambda t: t.pop("model.layers.1.self_attn.o_proj.alpha"), None, "damaged"),
+    (lambda t: t.pop("model.norm.weight"), None, "does not match"),
+    (None, lambda m: m.__setitem__("format_version", "99"), "format version 99"),
+    (None, lambda m: m.__setitem__("format", "other"), "not an llmbin packed checkpoint"),
+])
+def test_tampered_checkpoint_gets_a_clear_error(saved, tmp_path, edit_tensors, edit_meta, match):
+    dst = _copy(saved[1], tmp_path)
+    _rewrite(dst / "model.safetensors", edit_tensors, edit_meta)
+    with pytest.raises(LlmbinError, match=match):
+        llmbin.load(dst)
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path):
+    with pytest.raises(LlmbinError, match="not an llmbin checkpoint"):
+        llmbin.load(tmp_path)

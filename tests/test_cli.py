@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+import llmbin
+from llmbin.cli import main
+
+
+def _quantize(model_dir, text_file, out, *extra):
+    return main(["quantize", "--model", str(model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress", *extra])
+
+
+def test_quantize_then_eval_end_to_end(tiny_model_dir, text_file, tmp_path, tokenizer):
+    out = tmp_path / "ckpt"
+    assert _quantize(tiny_model_dir, text_file, out, "--salient-frac", "0.2", "--json", str(tmp_path / "q.json")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                    "tokenizer_config.json"]
+    assert not (tmp_path / "ckpt.partial").exists()
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["config"]["salient_frac"] == 0.2 and report["disk_bytes"] > 0 and report["quantize_seconds"] > 0
+
+    assert main(["eval", str(out), "--eval-data", str(text_file), "--seqlen", "32", "--max-windows", "5",
+                 "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result) >= {"ppl", "bits_per_weight"}
+    ppl = result["ppl"]["corpus"]
+    assert result["bits_per_weight"] == pytest.approx(report["bits_per_weight"])
+
+    # the loaded checkpoint's perplexity is the in-memory model's (identical computation)
+    from llmbin.data.text import resolve_text
+    from llmbin.evaluate.perplexity import perplexity
+
+    ids = tokenizer(resolve_text(str(text_file), "test"), return_tensors="pt").input_ids[0]
+    assert perplexity(llmbin.load(out), ids, 32, 5, progress=False) == ppl
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--eval-data", str(text_file), "--seqlen", "32",
+                 "--max-windows", "5", "--json", str(tmp_path / "f.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["bits_per_weight"] is None
+
+
+def _error_of(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("llmbin: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_get_one_line_errors(tiny_model_dir, text_file, tmp_path, capsys):
+    q = ["quantize", "--method", "pb-llm", "--calib-data", str(text_file), "--nsamples", "2", "--seqlen", "32",
+         "--no-progress"]
+    assert "does not exist" in _error_of(capsys, q + ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "no config.json" in _error_of(capsys, q + ["--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "salient-frac" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+                                                    "--salient-frac", "2"])
+    assert "already exists" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path)])
+    short = tmp_path / "short.txt"
+    short.write_text("the model")
+    err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data",
+                             str(short), "--seqlen", "32", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "shorter than one window" in err
+    assert not (tmp_path / "o").exists()
+    assert "not an llmbin checkpoint" in _error_of(capsys, ["eval", str(tmp_path), "--eval-data", str(text_file)])
+    assert "either a checkpoint" in _error_of(capsys, ["eval", "--eval-data", str(text_file)])
+
+
+def test_unknown_method_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--model", "x", "--method", "xnor", "--out", "y"])
+    assert exc.value.code == 2 and "invalid choice: 'xnor'" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import llmbin.resume
+
+    out = tmp_path / "ckpt"
+    original = llmbin.resume.BlockStore.save
+
+    def save_then_interrupt(self, index, modules):
+        original(self, index, modules)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmbin.resume.BlockStore, "save", save_then_interrupt)
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress"]) == 2
+    assert (tmp_path / "ckpt.partial" / "block_00000.safetensors").exists() and not out.exists()
+    monkeypatch.setattr(llmbin.resume.BlockStore, "save", original)
+    assert _quantize(tiny_model_dir, text_file, out) == 0
+    reference = tmp_path / "reference"
+    assert _quantize(tiny_model_dir, text_file, reference) == 0
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(llmbin.load(out)(x).logits, llmbin.load(reference)(x).logits)
