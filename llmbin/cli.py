@@ -16,10 +16,10 @@ from .errors import LlmbinError
 def _method_options(parser: argparse.ArgumentParser) -> list[str]:
     """One ``--option`` per field of every registered method config (defaults stay in the config)."""
     from .config import QuantConfig
-    from .registry import _METHODS
+    from .registry import method_configs
 
     names, group = [], parser.add_argument_group("method options (defaults are each method's own)")
-    for cls in [QuantConfig] + [c for c, _ in _METHODS.values()]:
+    for cls in [QuantConfig, *method_configs()]:
         for field in dataclasses.fields(cls):
             if field.name in names:
                 continue

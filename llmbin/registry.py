@@ -28,6 +28,10 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_configs() -> list[type[QuantConfig]]:
+    return [cls for cls, _ in _METHODS.values()]
+
+
 def method_function(config: QuantConfig) -> MethodFn:
     return _METHODS[config.method][1]
 
