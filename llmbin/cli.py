@@ -61,7 +61,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("checkpoint", nargs="?", help="llmbin checkpoint directory")
     e.add_argument("--model", help="an original model instead (hub id, folder, .gguf, 'smollm2-135m')")
     e.add_argument("--ppl", default="wikitext2", help="data set for perplexity (wikitext2, c4, ptb)")
-    e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file with the evaluation text")
+    e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     e.add_argument("--json", help="write the results as JSON here")
@@ -143,15 +143,14 @@ def cmd_eval(args) -> dict:
         model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     ppl = _perplexity(model, tokenizer, args.ppl, args.eval_data, args.seqlen, args.max_windows, args.no_progress)
-    report = {"ppl": {args.ppl if not args.eval_data else Path(args.eval_data).stem: ppl},
+    report = {"ppl": {args.ppl: ppl}, "eval_data": args.eval_data,
               "bits_per_weight": bit_report(model)["bits_per_weight"],
               "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None,
               "model": args.checkpoint or args.model, "seqlen": args.seqlen,
               "max_windows": args.max_windows, "eval_seconds": time.perf_counter() - start,
               "peak_rss_mib": _peak_rss_mib()}
-    name = next(iter(report["ppl"]))
     bpw = report["bits_per_weight"]
-    print(f"{report['model']}: {name} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
+    print(f"{report['model']}: {args.ppl} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
     return report
 
 

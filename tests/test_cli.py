@@ -25,7 +25,7 @@ def test_quantize_then_eval_end_to_end(tiny_model_dir, text_file, tmp_path, toke
                  "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result) >= {"ppl", "bits_per_weight"}
-    ppl = result["ppl"]["corpus"]
+    ppl = result["ppl"]["wikitext2"]
     assert result["bits_per_weight"] == pytest.approx(report["bits_per_weight"])
 
     # the loaded checkpoint's perplexity is the in-memory model's (identical computation)

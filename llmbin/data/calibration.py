@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LlmbinError
-from .text import resolve_text
+from .text import dataset_rows, resolve_text
 
 
 def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -22,7 +22,26 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
     return torch.stack([token_ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int,
+                            max_tries: int = 100_000) -> torch.Tensor:
+    """One window per sample from a random document longer than ``seqlen`` tokens (the GPTQ
+    convention for C4, whose train shard is far too large to tokenize whole)."""
+    generator = torch.Generator().manual_seed(seed)
+    windows = []
+    for _ in range(max_tries):
+        if len(windows) == nsamples:
+            return torch.stack(windows)
+        doc = documents[int(torch.randint(len(documents), (1,), generator=generator))]
+        ids = tokenizer(doc, return_tensors="pt").input_ids[0]
+        if ids.numel() > seqlen:
+            start = int(torch.randint(ids.numel() - seqlen + 1, (1,), generator=generator))
+            windows.append(ids[start : start + seqlen])
+    raise LlmbinError(f"found only {len(windows)} documents longer than {seqlen} tokens; use a smaller --seqlen")
+
+
 def calibration_windows(tokenizer, source: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    if source == "c4":
+        return sample_document_windows(tokenizer, dataset_rows("c4", "calibration"), nsamples, seqlen, seed)
     text = resolve_text(source, "calibration")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return sample_windows(ids, nsamples, seqlen, seed)

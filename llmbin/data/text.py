@@ -55,16 +55,14 @@ def _from_hub(dataset: str, split: str) -> list[str]:
         ) from None
 
 
-def dataset_text(dataset: str, purpose: str) -> str:
-    """The joined text of a standard data set: ``purpose`` is ``calibration`` (train split) or ``test``."""
+def dataset_rows(dataset: str, purpose: str) -> list[str]:
+    """Rows of a standard data set: ``purpose`` is ``calibration`` (train split) or ``test``."""
     if dataset not in DATASETS:
         raise LlmbinError(f"unknown data set {dataset!r}; use one of {', '.join(DATASETS)} or a file path")
     local = local_file(dataset, purpose)
     if local is not None:
-        rows = read_text_file(local)
-    else:
-        rows = _from_hub(dataset, "train" if purpose == "calibration" else ("validation" if dataset == "c4" else "test"))
-    return join_rows(rows, dataset)
+        return read_text_file(local)
+    return _from_hub(dataset, "train" if purpose == "calibration" else ("validation" if dataset == "c4" else "test"))
 
 
 def join_rows(rows: list[str], dataset: str = "wikitext2") -> str:
@@ -75,7 +73,7 @@ def join_rows(rows: list[str], dataset: str = "wikitext2") -> str:
 def resolve_text(source: str, purpose: str) -> str:
     """A data set name or a file path -> joined text."""
     if source in DATASETS:
-        return dataset_text(source, purpose)
+        return join_rows(dataset_rows(source, purpose), source)
     if Path(source).suffix or Path(source).exists():
         return join_rows(read_text_file(source))
     raise LlmbinError(f"unknown data source {source!r}; use one of {', '.join(DATASETS)} or a path to a data file")

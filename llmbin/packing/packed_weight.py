@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bitpack import pack_bits, pack_codes, unpack_bits, unpack_codes
+from .bitpack import pack_bits, pack_codes, packed_row_bytes, unpack_bits, unpack_codes
 from .positions import decode_positions, encode_positions
 
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ class PackedWeight:
         N, K = meta["shape"]
         P, G = meta["planes"], -(-K // meta["group_size"])
         take = lambda name: tensors[f"{prefix}.{name}"]  # noqa: E731
-        expect = {"planes": (P, N, pack_bits(torch.zeros(1, K)).shape[-1]), "alpha": (P, N, G), "mu": (N, G)}
+        expect = {"planes": (P, N, packed_row_bytes(K)), "alpha": (P, N, G), "mu": (N, G)}
         for name, shape in expect.items():
             if tuple(take(name).shape) != shape:
                 raise ValueError(f"{prefix}.{name} has shape {tuple(take(name).shape)}, expected {shape}")

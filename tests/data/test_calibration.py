@@ -76,3 +76,13 @@ def test_local_wikitext_copy_is_used_when_present(tmp_path, monkeypatch):
     pq.write_table(pa.table({"text": ["a", "b"]}), folder / "test-00000-of-00001.parquet")
     monkeypatch.setenv("LLMBIN_DATA", str(tmp_path))
     assert resolve_text("wikitext2", "test") == "a\n\nb"
+
+
+def test_document_windows_come_from_long_enough_documents(tokenizer):
+    from llmbin.data.calibration import sample_document_windows
+
+    docs = ["the model", "the binary weight scale " * 40, "sign"]
+    a = sample_document_windows(tokenizer, docs, 3, 16, seed=0)
+    assert a.shape == (3, 16) and torch.equal(a, sample_document_windows(tokenizer, docs, 3, 16, seed=0))
+    with pytest.raises(LlmbinError, match="longer than 4096 tokens"):
+        sample_document_windows(tokenizer, docs, 2, 4096, seed=0, max_tries=50)
