@@ -29,9 +29,11 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, device) -> tuple[list[torch.Tensor], dict]:
-    """Run the model up to its first decoder block; return each sample's hidden states and the shared kwargs."""
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Run the model (where it lies) up to its first decoder block; return each sample's
+    hidden states and the keyword arguments the blocks share (masks, rotary embeddings)."""
     block = decoder_layers(model)[0]
+    device = model.get_input_embeddings().weight.device
     inputs, shared = [], {}
 
     def grab(_module, args, kwargs):
@@ -81,7 +83,7 @@ def quantize_blocks(
     method = method_function(config)
     blocks = decoder_layers(model)
     done = done or {}
-    inputs, kwargs = capture_block_inputs(model, calibration, device)
+    inputs, kwargs = capture_block_inputs(model, calibration)
     kwargs = {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) if torch.is_tensor(v) else v)
               for k, v in kwargs.items()}
     bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
