@@ -69,13 +69,18 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dic
     return modules
 
 
+def _as_stored(value: torch.Tensor) -> torch.Tensor:
+    """A tensor as the checkpoint stores it: floats in ``STORAGE_DTYPE``, packed codes as they are."""
+    return value.to(STORAGE_DTYPE) if value.is_floating_point() else value
+
+
 @torch.no_grad()
 def round_to_storage(model: torch.nn.Module) -> None:
     """Round every stored float tensor to the checkpoint's storage dtype, in place, so the
     in-memory model computes exactly what the saved-then-loaded one will."""
     for value in model.state_dict().values():
-        if value.is_floating_point() and value.dtype != STORAGE_DTYPE:
-            value.copy_(value.to(STORAGE_DTYPE))
+        if value.is_floating_point():
+            value.copy_(_as_stored(value))
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
@@ -92,7 +97,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
             if value.data_ptr() in seen and value.numel():  # tied weights (e.g. lm_head = embed_tokens): stored once
                 continue
             seen.add(value.data_ptr())
-            tensors[key] = value.to(STORAGE_DTYPE) if value.is_floating_point() and value.dtype != STORAGE_DTYPE else value
+            tensors[key] = _as_stored(value)
         write_tensors(tmp / WEIGHTS_FILE, tensors, binary_modules(model))
         model.config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -55,11 +55,12 @@ def capture_block_inputs(model: nn.Module, calibration: torch.Tensor) -> tuple[l
     return inputs, shared
 
 
-def _run_block(block, inputs, kwargs, device) -> list[torch.Tensor]:
+def _run_block(block, inputs, kwargs, device, keep_outputs: bool = True) -> list[torch.Tensor]:
     outputs = []
     for hidden in inputs:
         out = block(hidden.to(device), **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out).cpu())
+        if keep_outputs:
+            outputs.append((out[0] if isinstance(out, tuple) else out).cpu())
     return outputs
 
 
@@ -113,7 +114,7 @@ def _quantize_block(block, inputs, kwargs, method, config, device, index) -> dic
 
     handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
     try:
-        _run_block(block, inputs, kwargs, device)
+        _run_block(block, inputs, kwargs, device, keep_outputs=False)  # only the Hessian hooks matter here
     finally:
         for h in handles:
             h.remove()
