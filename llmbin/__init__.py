@@ -8,7 +8,8 @@ from .config import PBLLMConfig, QuantConfig  # noqa: E402
 from .data.calibration import calibration_windows  # noqa: E402
 from .errors import LlmbinError  # noqa: E402
 from .quantize import quantize  # noqa: E402
+from .recipes import recipe_config  # noqa: E402
 from .registry import available_methods, make_config  # noqa: E402
 
 __all__ = ["LlmbinError", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
-           "make_config", "quantize", "save"]
+           "make_config", "quantize", "recipe_config", "save"]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .errors import LlmbinError
 from .models import set_submodule
 from .nn.binary_linear import BinaryLinear
-from .packing.packed_weight import FORMAT_VERSION, PackedWeight
+from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
 
 FORMAT_NAME = "llmbin-packed"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,10 +47,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
     if metadata.get("format") != FORMAT_NAME:
         raise LlmbinError(f"{path} is not an llmbin packed checkpoint; create one with llmbin quantize")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in {str(v) for v in READABLE_VERSIONS}:
         raise LlmbinError(
-            f"{path} uses packed format version {metadata.get('format_version')}, this llmbin reads version "
-            f"{FORMAT_VERSION}; install the llmbin version that wrote it or re-quantize"
+            f"{path} uses packed format version {metadata.get('format_version')}, this llmbin reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-quantize"
         )
     return tensors, json.loads(metadata["layers"])
 

@@ -43,7 +43,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
     q = sub.add_parser("quantize", help="calibrate, binarize and write a packed checkpoint")
     q.add_argument("--model", required=True, help="hub id, local HF folder, .gguf file, or 'smollm2-135m'")
-    q.add_argument("--method", required=True, choices=available_methods())
+    q.add_argument("--method", choices=available_methods(), help="required unless --recipe gives it")
+    q.add_argument("--recipe", help="YAML recipe (method and options, see recipes/); command-line options override it")
     q.add_argument("--calib-data", default="wikitext2", help="wikitext2, c4, ptb, or a .parquet/.jsonl/.txt file")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=2048)
@@ -64,6 +65,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    e.add_argument("--dense-cache", action="store_true",
+                   help="decode each packed layer once and keep it dense: same numbers, faster, fp32-sized memory")
     e.add_argument("--json", help="write the results as JSON here")
     e.add_argument("--no-progress", action="store_true")
     return parser, options
@@ -83,13 +86,19 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     from .bits import bit_report, directory_bytes
     from .data.calibration import calibration_windows
     from .models import load_model
+    from .recipes import recipe_config
     from .registry import make_config
 
     out = Path(args.out)
     if out.exists():
         raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
     options = {k: getattr(args, k) for k in option_names if getattr(args, k) is not None}
-    config = make_config(args.method, **options)
+    if args.recipe:
+        config = recipe_config(args.recipe, args.method, **options)
+    elif args.method:
+        config = make_config(args.method, **options)
+    else:
+        raise LlmbinError("give --method or --recipe (e.g. --recipe recipes/pb-llm-10.yaml)")
     model, tokenizer = load_model(args.model)
     calibration = calibration_windows(tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
@@ -104,7 +113,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     save(model, tokenizer, out)
     shutil.rmtree(work_dir, ignore_errors=True)
     bits = bit_report(model)
-    report = {"model": args.model, "method": args.method, "config": config.to_dict(), "calibration": info,
+    report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(), "calibration": info,
               "bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
               "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()}
     print(f"wrote {out}: {bits['bits_per_weight']:.3f} bits/weight in the quantized layers, "
@@ -127,6 +136,7 @@ def _perplexity(model, tokenizer, dataset, eval_data, seqlen, max_windows, no_pr
 
 def cmd_eval(args) -> dict:
     from .bits import bit_report, directory_bytes
+    from .nn.binary_linear import BinaryLinear
 
     if bool(args.checkpoint) == bool(args.model):
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
@@ -137,6 +147,10 @@ def cmd_eval(args) -> dict:
 
         model = load(args.checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        if args.dense_cache:
+            for module in model.modules():
+                if isinstance(module, BinaryLinear):
+                    module.dense_cache = True
     else:
         from .models import load_model
 

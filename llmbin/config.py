@@ -46,3 +46,88 @@ class PBLLMConfig(QuantConfig):
 
 def config_fields(cls: type[QuantConfig]) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+@dataclass
+class RTNSignConfig(QuantConfig):
+    """Round-to-nearest sign binarization, ``ŵ = α·sign(w)`` with ``α = mean|w|`` per row (no calibration use)."""
+
+    method: ClassVar[str] = "rtn-sign"
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    """GPTQ (Frantar et al.): asymmetric uniform ``bits``-bit grid per row (``group_size`` 0) or per group."""
+
+    method: ClassVar[str] = "gptq"
+    bits: int = 2
+    group_size: int = 0  # 0: one grid per output row; e.g. 128: one per 128 input columns
+
+    def validate(self) -> None:
+        super().validate()
+        if not 2 <= self.bits <= 8:
+            raise LlmbinError(f"--bits must be between 2 and 8, got {self.bits}")
+        if self.group_size < 0:
+            raise LlmbinError(f"--group-size must be 0 (per row) or positive, got {self.group_size}")
+
+
+@dataclass
+class DBLLMConfig(QuantConfig):
+    """DB-LLM (Chen et al.) flexible dual binarization: ``ŵ = μ + α₁b₁ + α₂b₂`` per row or group,
+    with optional deviation-aware distillation of the scales and norms afterwards."""
+
+    method: ClassVar[str] = "db-llm"
+    group_size: int = 0  # 0: scales per output row
+    refine_iters: int = 20  # alternating least-squares rounds of the scales and planes
+    refit_scales: bool = True  # re-solve the scales for least Hessian-weighted error after GPTQ
+    distill: bool = False  # second stage: tune scales and norms against the float model's outputs
+    distill_epochs: int = 1
+    distill_lr: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 0:
+            raise LlmbinError(f"--group-size must be 0 (per row) or positive, got {self.group_size}")
+        if self.refine_iters < 0 or self.distill_epochs < 1 or not self.distill_lr > 0:
+            raise LlmbinError("--refine-iters must be >= 0, --distill-epochs >= 1 and --distill-lr > 0")
+
+
+@dataclass
+class BiLLMConfig(QuantConfig):
+    """BiLLM (Huang et al.): per block, salient columns get residual (two-plane) binarization,
+    the other weights split at a searched magnitude break-point into two binarized classes."""
+
+    method: ClassVar[str] = "billm"
+    column_scales: ClassVar[bool] = False  # ARB-RC: scales α_row·β_column instead of α_row + μ_row
+    salient_metric: str = "hessian"
+    max_salient_columns: int = 30  # the salient column count is searched in [1, this] per block
+    split_points: int = 81  # break-point candidates: this many quantiles of |w| from 10 % to 90 %
+    refine_iters: int = 0  # ARB alternating refinement rounds (0: BiLLM's closed form)
+    refit_scales: bool = False  # re-solve the scales for least Hessian-weighted error after GPTQ (ARB-X)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.salient_metric not in ("hessian", "magnitude"):
+            raise LlmbinError(f"--salient-metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
+        if self.max_salient_columns < 0 or self.split_points < 1 or self.refine_iters < 0:
+            raise LlmbinError("--max-salient-columns and --refine-iters must be >= 0, --split-points >= 1")
+
+
+@dataclass
+class ARBXConfig(BiLLMConfig):
+    """ARB-LLM-X (Li et al.): BiLLM's structure with alternating refinement of μ, α and signs,
+    then a calibration-aware (Hessian-weighted) refit of the scales."""
+
+    method: ClassVar[str] = "arb-x"
+    refine_iters: int = 15
+    refit_scales: bool = True
+
+
+@dataclass
+class ARBRCConfig(BiLLMConfig):
+    """ARB-LLM-RC (Li et al.): BiLLM's structure with row and column scales ``α_r·β_c`` (no mean),
+    refined alternately."""
+
+    method: ClassVar[str] = "arb-rc"
+    column_scales: ClassVar[bool] = True
+    refine_iters: int = 15

@@ -32,12 +32,12 @@ def test_saved_then_loaded_logits_are_identical(saved):
 def test_config_records_method_parameters_and_versions(saved):
     _, out = saved
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 1
+    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 2
     assert q["llmbin_version"] == llmbin.__version__
     assert q["salient_frac"] == 0.1 and q["salient_metric"] == "hessian" and q["percdamp"] == 0.01
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "llmbin-packed" and meta["format_version"] == "1"
+    assert meta["format"] == "llmbin-packed" and meta["format_version"] == "2"
     assert "model.layers.0.self_attn.q_proj" in json.loads(meta["layers"])
 
 
@@ -116,3 +116,16 @@ def test_tampered_checkpoint_gets_a_clear_error(saved, tmp_path, edit_tensors, e
 def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path):
     with pytest.raises(LlmbinError, match="not an llmbin checkpoint"):
         llmbin.load(tmp_path)
+
+
+@pytest.mark.parametrize("method,options", [("rtn-sign", {}), ("gptq", {"bits": 3, "group_size": 32}),
+                                            ("db-llm", {}), ("billm", {"blocksize": 32}), ("arb-x", {}),
+                                            ("arb-rc", {"blocksize": 32})])
+def test_every_method_saves_and_loads_bit_identically(method, options, tmp_path):
+    model = llmbin.quantize(tiny_model("llama"), llmbin.make_config(method, **options), CALIB, progress=False)
+    llmbin.save(model, None, tmp_path / "ckpt")
+    loaded = llmbin.load(tmp_path / "ckpt")
+    assert loaded.config.quantization_config["method"] == method
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+    assert bit_report(loaded)["bits_per_weight"] == pytest.approx(bit_report(model)["bits_per_weight"])

@@ -92,3 +92,24 @@ def test_interrupted_run_resumes(tiny_model_dir, text_file, tmp_path, monkeypatc
     x = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert torch.equal(llmbin.load(out)(x).logits, llmbin.load(reference)(x).logits)
+
+
+def test_recipe_with_command_line_override(tiny_model_dir, text_file, tmp_path):
+    recipe = tmp_path / "billm.yaml"
+    recipe.write_text("method: billm\nmax_salient_columns: 7\nsplit_points: 9\nblocksize: 32\n")
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--split-points", "5",
+                 "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+                 "--no-progress", "--json", str(tmp_path / "q.json")]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (q["method"], q["max_salient_columns"], q["split_points"], q["blocksize"]) == ("billm", 7, 5, 32)
+    assert json.loads((tmp_path / "q.json").read_text())["recipe"] == str(recipe)
+
+
+def test_quantize_needs_a_method_or_a_recipe(tiny_model_dir, text_file, tmp_path, capsys):
+    err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--calib-data", str(text_file),
+                             "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "--method or --recipe" in err
+    err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--recipe", str(tmp_path / "x.yaml"),
+                             "--calib-data", str(text_file), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "does not exist" in err

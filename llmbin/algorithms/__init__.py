@@ -1,2 +1,2 @@
 """Numeric algorithms as pure tensor functions. Importing this package registers every method."""
-from . import pbllm  # noqa: F401
+from . import billm, dbllm, pbllm, rtn, uniform  # noqa: F401

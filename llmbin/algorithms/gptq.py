@@ -11,11 +11,16 @@ from typing import Callable
 import torch
 
 ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
-"""``(w_column (N,), column_index) -> quantized column (N,)``; must be a pure function."""
+"""``(w_column (N,), column_index) -> quantized column (N,)``."""
+BlockStart = Callable[[torch.Tensor, int], None]
+"""``(W_block (N, b), first_column) -> None``: called with a block's weights as they stand when
+the loop reaches it (all earlier blocks' feedback applied), so a format can fit per-block
+parameters (group scales, salient columns) to the weights it will actually quantize."""
 
 
 def gptq_reconstruct(
-    W: torch.Tensor, Hinv_upper: torch.Tensor, quantize_column: ColumnQuantizer, blocksize: int = 128
+    W: torch.Tensor, Hinv_upper: torch.Tensor, quantize_column: ColumnQuantizer, blocksize: int = 128,
+    begin_block: BlockStart | None = None,
 ) -> torch.Tensor:
     """Quantize ``W (N, K)`` column by column with error feedback; returns the quantized ``Q``."""
     W = W.clone()
@@ -26,6 +31,8 @@ def gptq_reconstruct(
         W1 = W[:, start:end]
         Hinv1 = Hinv_upper[start:end, start:end]
         Err1 = torch.zeros_like(W1)
+        if begin_block is not None:
+            begin_block(W1.clone(), start)
         for i in range(end - start):
             w = W1[:, i]
             q = quantize_column(w, start + i)

@@ -85,5 +85,5 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         mu = torch.where(keep, mu, new_mu.float()).half().float()
         alpha = torch.where(keep, alpha, new_alpha.float()).half().float()
     bits = torch.where(mask, ints > 0, upper).unsqueeze(0)
-    return PackedWeight.from_codes(bits, alpha[None, :, None], mu[:, None], W.shape[1], mask, ints.abs(),
-                                   sigma, config.salient_bits)
+    return PackedWeight.from_codes(bits, alpha[None, :, None], mu[None, :, None], W.shape[1], salient_mask=mask,
+                                   salient_mag=ints.abs(), salient_scale=sigma, salient_bits=config.salient_bits)

@@ -77,5 +77,5 @@ def test_invalid_options_are_rejected(options, match):
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(LlmbinError, match="available: pb-llm"):
+    with pytest.raises(LlmbinError, match="available: arb-rc, arb-x, billm, db-llm, gptq, pb-llm, rtn-sign"):
         make_config("billm-xxl")

@@ -14,7 +14,7 @@ def _example(seed=0, N=9, K=77, planes=1, group=None, salient=True):
     mask = torch.rand(N, K, generator=g) < 0.15 if salient else None
     mags = torch.randint(0, 128, (N, K), generator=g) if salient else None
     scale = torch.rand(N, generator=g) if salient else None
-    return PackedWeight.from_codes(bits, alpha, mu, group, mask, mags, scale), bits, alpha, mu, mask, mags, scale
+    return PackedWeight.from_codes(bits, alpha, mu[None], group, salient_mask=mask, salient_mag=mags, salient_scale=scale), bits, alpha, mu, mask, mags, scale
 
 
 @pytest.mark.parametrize("planes,group", [(1, None), (2, None), (1, 16), (2, 32)])

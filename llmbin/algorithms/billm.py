@@ -1,0 +1,176 @@
+"""BiLLM (Huang et al.) and ARB-LLM (Li et al.): structured binarization per block of columns.
+
+Per block of ``blocksize`` columns, as the GPTQ loop reaches it:
+
+1. rank columns by saliency (Hessian metric ``Σ_rows w² / [H⁻¹]ⱼⱼ²``, or ``Σ|w|``) and search
+   the salient column count for least binarization error (BiLLM's structural search);
+2. salient columns get a two-plane residual code ``μ + α₁s₁ + α₂s₂``;
+3. the other weights are split at a searched magnitude break-point into a concentrated and a
+   sparse class, each binarized with its own ``μ, α``;
+4. ARB refines every class's scales and signs alternately (``refine_iters``); ARB-RC replaces
+   ``μ + α`` with row times column scales ``α_r·β_c``.
+
+The GPTQ loop then quantizes each column to the nearest level its class allows (the class
+bit is free per weight, so the split is re-decided with the error feedback applied), and
+ARB-X re-solves all scales for least Hessian-weighted error at the end. Stored as two planes:
+plane 0 is the sign, plane 1 is the class bit in ordinary columns and the residual sign in
+salient columns; a per-column mask marks salient columns. Every bit of that is counted.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ARBRCConfig, ARBXConfig, BiLLMConfig
+from ..packing.packed_weight import PackedWeight
+from ..registry import register_method
+from .gptq import gptq_reconstruct
+from .hessian import inverse_cholesky, prepare_hessian
+from .levels import argmin0, refine_fit, residual_fit, sign_patterns
+from .refit import refit_scales
+
+CONC, SPARSE, SALIENT = 0, 1, 2
+TERMS = ((0, CONC), (0, SPARSE), (0, SALIENT), (1, SALIENT))  # α slots: one per class, plus the residual
+
+
+def salient_column_count(W: torch.Tensor, order: torch.Tensor, max_columns: int) -> int:
+    """BiLLM's structural search: the count of top-ranked columns whose two-plane residual code
+    (with the rest also coded with two planes, the reference's fast proxy) has least error."""
+    b = W.shape[1]
+    counts = torch.arange(1, min(max_columns, b - 1) + 1)
+    if counts.numel() == 0:
+        return 0
+    rank = torch.empty(b, dtype=torch.long)
+    rank[order] = torch.arange(b)
+    salient = rank[None, None, :] < counts[:, None, None]  # (C, 1, b)
+    _, _, r_s = residual_fit(W, salient, 2)
+    _, _, r_n = residual_fit(W, ~salient, 2)
+    err = (r_s**2).sum(dim=(1, 2)) + (r_n**2).sum(dim=(1, 2))
+    return int(counts[err.argmin()])
+
+
+def split_point(W: torch.Tensor, ordinary: torch.Tensor, points: int) -> torch.Tensor:
+    """BiLLM's break-point search: the magnitude threshold (a quantile of |w| between 10 % and
+    90 %) whose two one-plane classes ``|w| ≤ t`` and ``|w| > t`` have least total error."""
+    absw = W.abs()
+    values = absw[ordinary.expand_as(W)]
+    if values.numel() == 0:
+        return torch.tensor(0.0)
+    q = torch.linspace(0.1, 0.9, points) if points > 1 else torch.tensor([0.5])
+    thresholds = torch.quantile(values.float()[: 2**24], q.to(torch.float32)).to(W.dtype)
+    low = ordinary & (absw[None] <= thresholds[:, None, None])
+    high = ordinary & (absw[None] > thresholds[:, None, None])
+    err = sum(_one_plane_error(W, m) for m in (low, high))
+    return thresholds[err.argmin()]
+
+
+def _one_plane_error(W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Total squared error of ``residual_fit(W, keep, 1)`` per leading index, without forming it:
+    with ``c = w − μ`` and ``α = mean|c|``, ``Σ(|c| − α)² = Σc² − n·α²``."""
+    k = keep.to(W.dtype)
+    n = k.sum(-1)
+    c = (W - (W * k).sum(-1, keepdim=True) / n.clamp_min(1)[..., None]) * k
+    a = c.abs().sum(-1) / n.clamp_min(1)
+    return ((c * c).sum(-1) - n * a * a).sum(-1)
+
+
+def rc_fit(W: torch.Tensor, keep: torch.Tensor, P: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ARB-RC: ``Σ_p α_p[row]·β_p[col]·s_p`` over ``keep`` (no mean). Residual initialisation,
+    then alternating least squares of each plane's row scales, column scales, and the signs."""
+    k = keep.to(W.dtype).expand_as(W)
+    r, alphas, betas, signs = W * k, [], [], []
+    for _ in range(P):
+        s = torch.where(r >= 0, 1.0, -1.0)
+        a = (r.abs() * k).sum(1) / k.sum(1).clamp_min(1)
+        b = (r.abs() / a.clamp_min(1e-12)[:, None] * k).sum(0) / k.sum(0).clamp_min(1)
+        r = r - a[:, None] * b[None] * s * k
+        alphas, betas, signs = alphas + [a], betas + [b], signs + [s]
+    patterns = sign_patterns(P, W.dtype)
+    for _ in range(iters):
+        for p in range(P):
+            target = (W - sum(alphas[q][:, None] * betas[q][None] * signs[q] for q in range(P) if q != p)) * k
+            c = betas[p][None] * signs[p] * k
+            den = (c * c).sum(1)
+            alphas[p] = torch.where(den > 0, (c * target).sum(1) / den.clamp_min(1e-30), alphas[p])
+            c = alphas[p][:, None] * signs[p] * k
+            den = (c * c).sum(0)
+            betas[p] = torch.where(den > 0, (c * target).sum(0) / den.clamp_min(1e-30), betas[p])
+        mags = torch.stack([a[:, None] * b[None] for a, b in zip(alphas, betas)])  # (P, N, b)
+        levels = torch.einsum("lp,pnk->lnk", patterns, mags)
+        best = argmin0((W[None] - levels).abs())
+        signs = list(patterns[best].permute(2, 0, 1))
+    return torch.stack(alphas), torch.stack(betas)
+
+
+def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig) -> dict:
+    """The block's structure and scales: salient columns, per-class ``μ (3, N)``, ``α (4, N)``
+    and, for ARB-RC, column scales ``β (4, b)``; all rounded to what the checkpoint stores."""
+    order = torch.argsort(saliency, descending=True)
+    count = salient_column_count(W, order, config.max_salient_columns)
+    salient = torch.zeros(W.shape[1], dtype=torch.bool)
+    salient[order[:count]] = True
+    ordinary = ~salient[None, :]
+    threshold = split_point(W, ordinary, config.split_points)
+    masks = {CONC: ordinary & (W.abs() <= threshold), SPARSE: ordinary & (W.abs() > threshold),
+             SALIENT: salient[None, :].expand_as(W)}
+    N, b = W.shape
+    mu, alpha, beta = torch.zeros(3, N), torch.zeros(4, N), torch.ones(4, b)
+    for c, keep in masks.items():
+        planes = 2 if c == SALIENT else 1
+        slots = [t for t, (_, cls) in enumerate(TERMS) if cls == c]
+        if config.column_scales:
+            a, bt = rc_fit(W, keep, planes, config.refine_iters)
+            beta[slots] = bt
+        else:
+            m, a, _ = residual_fit(W, keep, planes)
+            if config.refine_iters:
+                m, a = refine_fit(W, keep, m, a, config.refine_iters)
+            mu[c] = m
+        alpha[slots] = a
+    half = lambda t: t.half().float()  # noqa: E731
+    return {"salient": salient, "mu": half(mu), "alpha": half(alpha), "beta": half(beta)}
+
+
+@register_method(BiLLMConfig)
+@register_method(ARBXConfig)
+@register_method(ARBRCConfig)
+def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> PackedWeight:
+    W = W.float()
+    W, H = prepare_hessian(W, H.float(), config.percdamp)
+    U = inverse_cholesky(H)
+    N, K = W.shape
+    bs = config.blocksize
+    G = -(-K // bs)
+    udiag = torch.diag(U)
+    salient = torch.zeros(K, dtype=torch.bool)
+    mu, alpha, beta = torch.zeros(3, N, G), torch.zeros(4, N, G), torch.ones(4, K)
+    bits = torch.zeros(2, N, K, dtype=torch.bool)
+    current = {}
+
+    def begin_block(W1: torch.Tensor, start: int) -> None:
+        cols = slice(start, start + W1.shape[1])
+        score = (W1**2 / udiag[cols][None] ** 2).sum(0) if config.salient_metric == "hessian" else W1.abs().sum(0)
+        fit = fit_block(W1, score, config)
+        g = start // bs
+        salient[cols], mu[:, :, g], alpha[:, :, g], beta[:, cols] = fit["salient"], fit["mu"], fit["alpha"], fit["beta"]
+        current.update(fit, start=start)
+
+    patterns = sign_patterns(2)  # (4, 2): rows are (s_plane0, s_plane1)
+
+    def quantize_column(w: torch.Tensor, j: int) -> torch.Tensor:
+        jj = j - current["start"]
+        m, a, bt = current["mu"], current["alpha"], current["beta"][:, jj]
+        if current["salient"][jj]:
+            levels = m[SALIENT][None] + patterns[:, :1] * (a[2] * bt[2])[None] + patterns[:, 1:] * (a[3] * bt[3])[None]
+            best = argmin0((w[None] - levels).abs())
+            bits[0, :, j], bits[1, :, j] = patterns[best, 0] > 0, patterns[best, 1] > 0
+        else:  # levels (class c, sign s): μ_c + s·α_c·β_c
+            levels = m[[CONC, CONC, SPARSE, SPARSE]] + patterns[:, :1] * (a[[0, 0, 1, 1]] * bt[[0, 0, 1, 1], None])
+            best = argmin0((w[None] - levels).abs())
+            bits[0, :, j], bits[1, :, j] = patterns[best, 0] > 0, best >= 2
+        return levels.gather(0, best[None])[0]
+
+    gptq_reconstruct(W, U, quantize_column, bs, begin_block)
+    packed = PackedWeight.from_codes(bits, alpha, None if config.column_scales else mu, bs, terms=TERMS,
+                                     means=() if config.column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
+                                     column_mask=salient, col_scale=beta if config.column_scales else None)
+    return refit_scales(packed, W, H) if config.refit_scales else packed

@@ -1,0 +1,36 @@
+"""DB-LLM (Chen et al.) flexible dual binarization (FDB), the layer-wise part.
+
+FDB writes a 2-bit weight as two binary planes, ``ŵ = α₁b₁ + α₂b₂ + c`` with ``b ∈ {0, 1}``,
+initialised from the 2-bit uniform quantizer and with the two scales then free. Here that is
+stored in the format's ±1 form, ``ŵ = μ + α₁'s₁ + α₂'s₂`` (``α' = α/2``, ``μ = c + (α₁+α₂)/2``),
+and the scales and planes are refined by alternating least squares before the GPTQ loop
+assigns each weight its nearest of the four levels with error feedback. The distillation
+stage (``distill``) lives in ``llmbin.distill``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import DBLLMConfig
+from ..packing.packed_weight import PackedWeight
+from ..registry import register_method
+from .grouped import reconstruct_levels
+from .hessian import inverse_cholesky, prepare_hessian
+from .levels import nearest_signs, refine_fit, uniform_init
+from .refit import refit_scales
+
+
+def fit_dual(W: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.ones_like(W, dtype=torch.bool)
+    mu, alpha = refine_fit(W, keep, *uniform_init(W, keep, 2), iters)
+    return mu.half().float(), alpha.half().float()
+
+
+@register_method(DBLLMConfig)
+def dbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: DBLLMConfig) -> PackedWeight:
+    W, H = prepare_hessian(W.float(), H.float(), config.percdamp)
+    U = inverse_cholesky(H)
+    nearest = lambda w, mu, alpha: nearest_signs(w[:, None], mu, alpha)[:, :, 0]  # noqa: E731
+    packed = reconstruct_levels(W, U, 2, config.group_size, config.blocksize,
+                                lambda Wg: fit_dual(Wg, config.refine_iters), nearest)
+    return refit_scales(packed, W, H) if config.refit_scales else packed

@@ -1,0 +1,113 @@
+"""Multi-plane binary codes ``ŵ = μ + Σ_p α_p·s_p``, ``s_p ∈ {−1, +1}``, per row.
+
+With P planes a row has 2^P levels. PB-LLM and BiLLM's non-salient part use P = 1; BiLLM's
+residual (salient) binarization and DB-LLM's dual binarization use P = 2. Fitting alternates
+closed-form least squares for (μ, α) with re-assigning every weight to its nearest level,
+which is ARB-LLM's alternating refinement (and Lloyd's algorithm on a constrained codebook).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def sign_patterns(P: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """All ``2^P`` sign combinations, ``(2^P, P)`` of ±1; pattern ``i`` has plane ``p`` = bit ``p`` of ``i``."""
+    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=P)), dtype=dtype, device=device).flip(-1)
+
+
+def argmin0(d: torch.Tensor) -> torch.Tensor:
+    """``d.argmin(0)`` for a handful of candidates; a running compare is far faster on CPU than
+    the strided reduction (first minimum wins, as with ``argmin``)."""
+    best = torch.zeros(d.shape[1:], dtype=torch.long, device=d.device)
+    low = d[0]
+    for i in range(1, d.shape[0]):
+        better = d[i] < low
+        best = best.masked_fill(better, i)
+        low = torch.minimum(low, d[i])
+    return best
+
+
+def nearest_signs(W: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Signs ``(P, N, K)`` (±1) of the level nearest to each weight; ``mu (N,)``, ``alpha (P, N)``."""
+    P = alpha.shape[0]
+    patterns = sign_patterns(P, W.dtype, W.device)  # (L, P)
+    levels = mu[None] + patterns @ alpha  # (L, N)
+    best = argmin0((W.unsqueeze(0) - levels.unsqueeze(-1)).abs())  # (N, K)
+    return patterns[best].permute(2, 0, 1)
+
+
+def compose(mu: torch.Tensor, alpha: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    return mu[:, None] + (alpha[:, :, None] * signs).sum(dim=0)
+
+
+def residual_fit(W: torch.Tensor, keep: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BiLLM's closed form: each order binarizes the previous residual around its own mean with
+    ``α = mean |r − mean(r)|`` over ``keep``; the orders' means add up to one ``μ``.
+
+    Batched over leading dimensions (rows are the last-but-one); returns ``μ (...,)``,
+    ``α (P, ...)`` and the final residual ``(..., K)``, zero outside ``keep``.
+    """
+    keep = keep.to(W.dtype)
+    n = keep.sum(dim=-1).clamp_min(1)
+    r = W * keep
+    mu, alphas = 0.0, []  # keep is 0/1, so r stays zero outside it
+    for _ in range(P):
+        m = r.sum(dim=-1) / n
+        centred = (r - m[..., None]) * keep
+        a = centred.abs().sum(dim=-1) / n
+        r = r - (m[..., None] + a[..., None] * torch.where(centred >= 0, 1.0, -1.0)) * keep
+        mu, alphas = mu + m, alphas + [a]
+    return mu, torch.stack(alphas), r
+
+
+def solve_scales(W: torch.Tensor, keep: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Least-squares ``(μ, α)`` per row for fixed signs over ``keep``; rows whose system is singular
+    (too few or degenerate members) come back NaN."""
+    k = keep.to(W.dtype)
+    basis = torch.cat([k.unsqueeze(0), signs * k], dim=0)  # (P+1, N, K)
+    A = torch.einsum("pnk,qnk->npq", basis, basis).double()
+    b = torch.einsum("pnk,nk->np", basis, W).double()
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    scale = A.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
+    L, info = torch.linalg.cholesky_ex(A + 1e-10 * scale * eye)
+    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+    cond_ok = (info == 0) & (torch.linalg.det(A / scale).abs() > 1e-9)
+    x = torch.where(cond_ok[:, None], x, torch.nan).to(W.dtype)
+    return x[:, 0], x[:, 1:].t()
+
+
+def refine_fit(W: torch.Tensor, keep: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor,
+               iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternate nearest-level signs and least-squares scales for up to ``iters`` rounds
+    (stops when no sign changes). Each round lowers the squared error over ``keep``; rows whose
+    least-squares system is singular keep their previous scales."""
+    previous = None
+    for _ in range(iters):
+        signs = nearest_signs(W, mu, alpha)
+        if previous is not None and torch.equal(signs, previous):
+            break
+        previous = signs
+        new_mu, new_alpha = solve_scales(W, keep, signs)
+        ok = torch.isfinite(new_mu) & torch.isfinite(new_alpha).all(dim=0)
+        mu = torch.where(ok, new_mu, mu)
+        alpha = torch.where(ok[None], new_alpha, alpha)
+    return mu, alpha
+
+
+def uniform_init(W: torch.Tensor, keep: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``P``-bit uniform min–max grid over ``keep`` written as ``μ + Σ α_p s_p`` (``α_p = Δ·2^(p−1)``)."""
+    big = torch.finfo(W.dtype).max
+    lo = torch.where(keep, W, big).amin(dim=1)
+    hi = torch.where(keep, W, -big).amax(dim=1)
+    lo, hi = torch.where(keep.any(1), lo, 0.0), torch.where(keep.any(1), hi, 0.0)
+    step = (hi - lo) / (2**P - 1)
+    alpha = torch.stack([step * 2 ** (p - 1) for p in range(P)])
+    return (lo + hi) / 2, alpha
+
+
+def squared_error(W: torch.Tensor, keep: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per-row squared error over ``keep`` of the nearest-level code."""
+    Q = compose(mu, alpha, nearest_signs(W, mu, alpha))
+    return ((W - Q) ** 2 * keep).sum(dim=1)
