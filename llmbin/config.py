@@ -23,6 +23,10 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 
+    def wants_distillation(self) -> bool:
+        """Whether a model-level distillation stage follows the layer-wise quantization."""
+        return False
+
 
 @dataclass
 class PBLLMConfig(QuantConfig):
@@ -90,6 +94,9 @@ class DBLLMConfig(QuantConfig):
             raise LlmbinError(f"--group-size must be 0 (per row) or positive, got {self.group_size}")
         if self.refine_iters < 0 or self.distill_epochs < 1 or not self.distill_lr > 0:
             raise LlmbinError("--refine-iters must be >= 0, --distill-epochs >= 1 and --distill-lr > 0")
+
+    def wants_distillation(self) -> bool:
+        return self.distill
 
 
 @dataclass

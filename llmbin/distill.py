@@ -1,0 +1,89 @@
+"""DB-LLM's deviation-aware distillation (DAD), the optional second stage of ``db-llm``.
+
+After layer-wise quantization the bits stay fixed; the packed layers' scales (α, μ, column
+scales) and the normalization weights are tuned so the quantized model's next-token
+distribution follows the float model's on the calibration windows. The paper weights each
+token's teacher–student divergence by how ambiguous the token is; here the weight is the
+product of teacher and student entropies (detached, normalised to mean 1 per window), so
+confident tokens where both agree count little and uncertain ones dominate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .nn.binary_linear import BinaryLinear
+
+SCALE_BUFFERS = ("alpha", "mu", "col_scale")
+
+
+def dad_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy-weighted ``KL(teacher ‖ student)`` per token, averaged; logits ``(..., V)``."""
+    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    with torch.no_grad():
+        entropy_t = -(t_logp.exp() * t_logp).sum(-1)
+        entropy_s = -(s_logp.exp() * s_logp).sum(-1)
+        weight = entropy_t * entropy_s
+        weight = weight / weight.mean().clamp_min(1e-12)
+    return (weight * kl).mean()
+
+
+def _trainable(student: torch.nn.Module) -> list[torch.Tensor]:
+    """Make scales and norm weights float32 leaves that require grad; return them."""
+    params = []
+    for module in student.modules():
+        if isinstance(module, BinaryLinear):
+            for name in SCALE_BUFFERS:
+                buf = getattr(module, name, None)
+                if buf is not None:
+                    leaf = buf.detach().float().requires_grad_(True)
+                    setattr(module, name, leaf)
+                    params.append(leaf)
+        elif "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            module.weight.data = module.weight.data.float()
+            module.weight.requires_grad_(True)
+            params.append(module.weight)
+    return params
+
+
+def _freeze(student: torch.nn.Module) -> None:
+    for module in student.modules():
+        if isinstance(module, BinaryLinear):
+            for name in SCALE_BUFFERS:
+                buf = getattr(module, name, None)
+                if buf is not None:
+                    setattr(module, name, buf.detach().half())
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+
+def deviation_aware_distill(student: torch.nn.Module, teacher: torch.nn.Module, calibration: torch.Tensor, *,
+                            epochs: int = 1, lr: float = 1e-4, progress: bool = True) -> list[float]:
+    """Tune ``student``'s scales and norms in place against ``teacher``; returns the loss per step."""
+    device = student.get_input_embeddings().weight.device
+    params = _trainable(student)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    student.train(False)
+    bar = tqdm(total=epochs * len(calibration), desc="distilling", unit="window", disable=not progress)
+    try:
+        for _ in range(epochs):
+            for ids in calibration:
+                ids = ids.unsqueeze(0).to(device)
+                with torch.no_grad():
+                    target = teacher(ids, use_cache=False).logits
+                with torch.enable_grad():
+                    loss = dad_loss(target, student(ids, use_cache=False).logits)
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        _freeze(student)
+    return losses
