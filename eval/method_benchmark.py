@@ -124,7 +124,8 @@ def main() -> None:
                     "--out", str(ckpt), "--no-progress"])
                 loaded = run_phase(out / f"{tag}{suffix}.eval.json",
                                    ["eval", str(ckpt), "--no-progress", "--dense-cache", *limit])
-                family = quant["config"]["method"]
+                config = quant["config"]
+                family = config["method"] + (f" g{config['group_size']}" if config.get("group_size") else "")
         except subprocess.CalledProcessError as exc:
             print(f"{tag}: failed ({exc}); continuing with the next recipe", flush=True)
             continue
