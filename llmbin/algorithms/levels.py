@@ -62,7 +62,7 @@ def residual_fit(W: torch.Tensor, keep: torch.Tensor, P: int) -> tuple[torch.Ten
     return mu, torch.stack(alphas), r
 
 
-def solve_scales(W: torch.Tensor, keep: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def solve_scales(W: torch.Tensor, keep: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares ``(μ, α)`` per row for fixed signs over ``keep``; rows whose system is singular
     (too few or degenerate members) come back NaN."""
     k = keep.to(W.dtype)

@@ -8,6 +8,8 @@ refinement, generalised to every layout the format has.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..packing.bitpack import unpack_bits
@@ -45,7 +47,8 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
     bases = _bases(pw)
     G = -(-K // gs)
     params = torch.cat([pw.alpha.double(), pw.mu.double() if pw.mu is not None else torch.zeros(0, N, G).double()])
-    R = W - pw.decode(torch.float64)
+    original = pw.decode(torch.float64)
+    R = W - original
     HR = R @ H
     for _ in range(sweeps):
         for g, start in enumerate(range(0, K, gs)):
@@ -62,9 +65,7 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
             change = torch.einsum("nks,ns->nk", A, delta)
             R[:, cols] -= change
             HR -= change @ H[cols, :]
-    alpha, mu = params[:T].half(), params[T:].half()
-    new = PackedWeight(pw.shape, pw.planes, alpha, mu if pw.mu is not None else None, gs, pw.terms, pw.means,
-                       pw.class_plane, pw.column_mask, pw.col_scale, pw.salient, pw.pow2_planes)
-    if hessian_weighted_error(W, new.decode(torch.float64), H) > hessian_weighted_error(W, pw.decode(torch.float64), H):
+    new = replace(pw, alpha=params[:T].half(), mu=params[T:].half() if pw.mu is not None else None)
+    if hessian_weighted_error(W, new.decode(torch.float64), H) > hessian_weighted_error(W, original, H):
         return pw
     return new

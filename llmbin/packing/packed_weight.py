@@ -151,7 +151,6 @@ class PackedWeight:
         """Rebuild from checkpoint tensors (keys ``prefix.name``, or bare names when ``prefix`` is empty),
         checking every shape against the metadata unless ``validate`` is false."""
         take = lambda name: tensors[f"{prefix}.{name}" if prefix else name]  # noqa: E731
-        has = lambda name: (f"{prefix}.{name}" if prefix else name) in tensors  # noqa: E731
         N, K = meta["shape"]
         P, G = meta["planes"], -(-K // meta["group_size"])
         legacy = "terms" not in meta  # format version 1
@@ -170,10 +169,10 @@ class PackedWeight:
         pw = cls((N, K), take("planes"), take("alpha"), mu, meta["group_size"], terms, means, meta.get("class_plane"),
                  column_mask, col_scale, salient, bool(meta.get("pow2_planes", False)))
         if validate:
-            pw._validate(has)
+            pw._validate()
         return pw
 
-    def _validate(self, has) -> None:
+    def _validate(self) -> None:
         N, K = self.shape
         P, T, M, G = self.planes.shape[0], len(self.terms), len(self.means), -(-K // self.group_size)
         C = self.num_classes
