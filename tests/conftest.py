@@ -64,3 +64,14 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(make_text(3000, seed=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """The compiled CPU kernel; its tests fail (not skip) when it does not build."""
+    from llmbin.kernels.cpu import extension
+
+    module = extension()
+    if module is None:
+        pytest.fail("the C++ CPU kernel did not build; CI needs a C++ compiler and ninja")
+    return module

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..packing.packed_weight import PackedWeight
 
 
@@ -21,6 +22,7 @@ class BinaryLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.dense_cache = False  # decode once and keep the dense weight (evaluation speed, not memory)
         self._dense: torch.Tensor | None = None
+        self._plan: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, plan)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "BinaryLinear":
@@ -34,14 +36,24 @@ class BinaryLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight.from_tensors(dict(self.named_buffers(recurse=False)), "", self.layout, validate=False)
 
+    def kernel_plan(self) -> kernels.KernelPlan:
+        """The kernel's lowering of this layer, built once and rebuilt only if a buffer changes
+        (moved to another device, or loaded into in place)."""
+        key = tuple((id(b), b._version) for b in self.buffers(recurse=False))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, kernels.build_plan(self.packed()))
+        return self._plan[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.dense_cache:
-            weight = self.packed().decode(x.dtype)
-        else:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.dense_cache:
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
-            weight = self._dense
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self._dense, bias)
+        if kernels.kernel_mode() == "reference" or not kernels.kernel_available(x.device):
+            return F.linear(x, self.packed().decode(x.dtype), bias)
+        y = kernels.packed_linear(x, self.kernel_plan())
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         salient = f", salient={self.layout['salient']['count']}" if "salient" in self.layout else ""

@@ -1,0 +1,370 @@
+// Packed-bit matmul on x86-64 CPUs: y = x @ Ŵᵀ for a KernelPlan (see kernels/plan.py).
+//
+// Ŵ is a sum of bit products: y[b, r] = Σ_k Σ_g coef[k, r, g] · Σ_{c∈g} xv[var_k, c] · bits_k[r, c]
+// plus constant products (row-independent group sums) and a CSR list of salient corrections.
+// Bits are read as little-endian uint64 words (bit i of word w is column 64·w + i), the
+// checkpoint's own layout, so planes are used in place.
+//
+// Paths, chosen at run time: AVX-512 (masked adds driven by 16-bit masks), AVX2 (each bit
+// shifted into a lane's sign bit, then blendv), and portable scalar (walks the set bits).
+// decode_rows() expands a band of rows to fp32 for the large-batch path (tiles + GEMM).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMBIN_X86 1
+#endif
+
+namespace {
+
+enum Isa : int64_t { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3 };
+constexpr int MAX_PLANES = 16;
+constexpr int MAX_FAST_PRODUCTS = 8;
+
+struct Plan {
+  int64_t N, K, Kpad, W64, P, G, gs, V, NP, NB, gwords;
+  bool word_groups;  // every group is whole words (group_size % 64 == 0, or one group per row)
+  const uint64_t* planes;  // (P, N, W64)
+  const float* colw;       // (V, Kpad)
+  const float* coef;       // (NP, N, G)
+  const int64_t* rowptr;   // (N + 1) or null
+  const int32_t* scol;
+  const float* sval;
+  int nplanes[MAX_FAST_PRODUCTS * 2];
+  int plist[MAX_FAST_PRODUCTS * 2][MAX_PLANES];
+  std::vector<int32_t> var, mono;
+};
+
+inline uint64_t product_word(const Plan& p, int k, int64_t r, int64_t w) {
+  uint64_t m = ~uint64_t(0);
+  for (int i = 0; i < p.nplanes[k]; ++i) m &= p.planes[(p.plist[k][i] * p.N + r) * p.W64 + w];
+  return m;
+}
+
+inline uint64_t product_word_generic(const Plan& p, int k, int64_t r, int64_t w) {
+  uint64_t m = ~uint64_t(0);
+  for (int64_t q = 0; q < p.P; ++q)
+    if (p.mono[k] >> q & 1) m &= p.planes[(q * p.N + r) * p.W64 + w];
+  return m;
+}
+
+// Row-independent part of one row: constant products and salient corrections.
+inline float row_tail(const Plan& p, const float* x, const float* sums, int64_t r) {
+  float total = 0.f;
+  for (int64_t k = p.NB; k < p.NP; ++k) {
+    const float* c = p.coef + (k * p.N + r) * p.G;
+    const float* s = sums + p.var[k] * p.G;
+    for (int64_t g = 0; g < p.G; ++g) total += c[g] * s[g];
+  }
+  if (p.rowptr)
+    for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) total += p.sval[e] * x[p.scol[e]];
+  return total;
+}
+
+// ---------------------------------------------------------------- scalar (any group size)
+float row_scalar(const Plan& p, const float* x, const float* xv, const float* sums, int64_t r,
+                 std::vector<float>& partial) {
+  float total = 0.f;
+  for (int64_t k = 0; k < p.NB; ++k) {
+    std::fill(partial.begin(), partial.end(), 0.f);
+    const float* xk = xv + p.var[k] * p.Kpad;
+    for (int64_t w = 0; w < p.W64; ++w) {
+      uint64_t m = product_word_generic(p, (int)k, r, w);
+      while (m) {
+        int64_t c = w * 64 + __builtin_ctzll(m);
+        partial[c / p.gs] += xk[c];
+        m &= m - 1;
+      }
+    }
+    const float* c = p.coef + (k * p.N + r) * p.G;
+    for (int64_t g = 0; g < p.G; ++g) total += c[g] * partial[g];
+  }
+  return total + row_tail(p, x, sums, r);
+}
+
+#ifdef LLMBIN_X86
+// ---------------------------------------------------------------- AVX2
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NB bit products, NACC independent accumulators each (so adds do not wait on each other).
+template <int NB, int NACC>
+__attribute__((target("avx2,fma"))) float row_avx2(const Plan& p, const float* x, const float* xv,
+                                                   const float* sums, int64_t r) {
+  // Lane i of chunk j (columns 8j..8j+7 of a 32-bit half word) needs bit 8j+i in its sign bit.
+  const __m256i shifts[4] = {
+      _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+      _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 out = zero;
+  const float* xk[NB];
+  for (int k = 0; k < NB; ++k) xk[k] = xv + p.var[k] * p.Kpad;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
+    __m256 acc[NB][NACC];
+    for (int k = 0; k < NB; ++k)
+      for (int a = 0; a < NACC; ++a) acc[k][a] = zero;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int k = 0; k < NB; ++k) {
+        const uint64_t m = product_word(p, k, r, w);
+        const float* xs = xk[k] + w * 64;
+        for (int half = 0; half < 2; ++half) {
+          const __m256i b = _mm256_set1_epi32((int32_t)(uint32_t)(m >> (32 * half)));
+          for (int j = 0; j < 4; ++j) {
+            const __m256 sel = _mm256_castsi256_ps(_mm256_sllv_epi32(b, shifts[j]));
+            const int a = (half * 4 + j) % NACC;
+            acc[k][a] = _mm256_add_ps(acc[k][a], _mm256_blendv_ps(zero, _mm256_loadu_ps(xs + 32 * half + 8 * j), sel));
+          }
+        }
+      }
+    }
+    for (int k = 0; k < NB; ++k) {
+      __m256 s = acc[k][0];
+      for (int a = 1; a < NACC; ++a) s = _mm256_add_ps(s, acc[k][a]);
+      out = _mm256_fmadd_ps(_mm256_set1_ps(p.coef[(k * p.N + r) * p.G + g]), s, out);
+    }
+  }
+  return hsum256(out) + row_tail(p, x, sums, r);
+}
+
+// ---------------------------------------------------------------- AVX-512
+__attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <int NB, int NACC>
+__attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* x, const float* xv,
+                                                   const float* sums, int64_t r) {
+  __m512 out = _mm512_setzero_ps();
+  const float* xk[NB];
+  for (int k = 0; k < NB; ++k) xk[k] = xv + p.var[k] * p.Kpad;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
+    __m512 acc[NB][NACC];
+    for (int k = 0; k < NB; ++k)
+      for (int a = 0; a < NACC; ++a) acc[k][a] = _mm512_setzero_ps();
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int k = 0; k < NB; ++k) {
+        const uint64_t m = product_word(p, k, r, w);
+        const float* xs = xk[k] + w * 64;
+        for (int j = 0; j < 4; ++j) {
+          const int a = j % NACC;
+          acc[k][a] = _mm512_mask_add_ps(acc[k][a], (__mmask16)(m >> (16 * j)), acc[k][a], _mm512_loadu_ps(xs + 16 * j));
+        }
+      }
+    }
+    for (int k = 0; k < NB; ++k) {
+      __m512 s = acc[k][0];
+      for (int a = 1; a < NACC; ++a) s = _mm512_add_ps(s, acc[k][a]);
+      out = _mm512_fmadd_ps(_mm512_set1_ps(p.coef[(k * p.N + r) * p.G + g]), s, out);
+    }
+  }
+  return hsum512(out) + row_tail(p, x, sums, r);
+}
+#endif
+
+using RowFn = float (*)(const Plan&, const float*, const float*, const float*, int64_t);
+
+template <template <int, int> class Pick>
+RowFn pick_by_products(int64_t nb) {
+  switch (nb) {  // more accumulators when there are few products, to hide add latency
+    case 1: return Pick<1, 4>::fn;
+    case 2: return Pick<2, 4>::fn;
+    case 3: return Pick<3, 2>::fn;
+    case 4: return Pick<4, 2>::fn;
+    case 5: return Pick<5, 1>::fn;
+    case 6: return Pick<6, 1>::fn;
+    case 7: return Pick<7, 1>::fn;
+    case 8: return Pick<8, 1>::fn;
+    default: return nullptr;
+  }
+}
+#ifdef LLMBIN_X86
+template <int NB, int NACC> struct PickAvx2 { static constexpr RowFn fn = row_avx2<NB, NACC>; };
+template <int NB, int NACC> struct PickAvx512 { static constexpr RowFn fn = row_avx512<NB, NACC>; };
+#endif
+
+bool cpu_has(Isa isa) {
+#ifdef LLMBIN_X86
+  __builtin_cpu_init();
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AVX512) return __builtin_cpu_supports("avx512f");
+#endif
+  return isa == SCALAR;
+}
+
+Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
+               const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
+               const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval) {
+  TORCH_CHECK(planes.dtype() == at::kByte && planes.dim() == 3 && planes.is_contiguous(), "planes: contiguous uint8 (P, N, B)");
+  TORCH_CHECK(planes.size(2) % 8 == 0, "planes rows must be whole 64-bit words");
+  TORCH_CHECK(colw.dtype() == at::kFloat && colw.is_contiguous() && colw.size(1) == planes.size(2) * 8, "colw: float32 (V, Kpad)");
+  TORCH_CHECK(coef.dtype() == at::kFloat && coef.is_contiguous() && coef.size(1) == planes.size(1), "coef: float32 (NP, N, G)");
+  TORCH_CHECK(prod_var.dtype() == at::kInt && prod_mono.dtype() == at::kInt && prod_var.numel() == coef.size(0), "products");
+  TORCH_CHECK(planes.size(0) <= MAX_PLANES, "at most 16 planes");
+  Plan p;
+  p.P = planes.size(0); p.N = planes.size(1); p.W64 = planes.size(2) / 8; p.Kpad = p.W64 * 64; p.K = K;
+  p.V = colw.size(0); p.NP = coef.size(0); p.NB = n_bit; p.G = coef.size(2); p.gs = group_size;
+  TORCH_CHECK(p.G == (K + group_size - 1) / group_size, "coef groups do not match the group size");
+  p.word_groups = p.G == 1 || group_size % 64 == 0;
+  p.gwords = p.G == 1 ? p.W64 : group_size / 64;
+  p.planes = reinterpret_cast<const uint64_t*>(planes.data_ptr<uint8_t>());
+  p.colw = colw.data_ptr<float>();
+  p.coef = coef.data_ptr<float>();
+  p.var.assign(prod_var.data_ptr<int32_t>(), prod_var.data_ptr<int32_t>() + p.NP);
+  p.mono.assign(prod_mono.data_ptr<int32_t>(), prod_mono.data_ptr<int32_t>() + p.NP);
+  for (int64_t k = 0; k < std::min<int64_t>(p.NB, MAX_FAST_PRODUCTS * 2); ++k) {
+    p.nplanes[k] = 0;
+    for (int q = 0; q < p.P; ++q)
+      if (p.mono[k] >> q & 1) p.plist[k][p.nplanes[k]++] = q;
+  }
+  p.rowptr = rowptr.numel() ? rowptr.data_ptr<int64_t>() : nullptr;
+  p.scol = scol.numel() ? scol.data_ptr<int32_t>() : nullptr;
+  p.sval = sval.numel() ? sval.data_ptr<float>() : nullptr;
+  return p;
+}
+
+RowFn choose(const Plan& p, int64_t isa) {
+  if (isa == AUTO) isa = cpu_has(AVX512) ? AVX512 : cpu_has(AVX2) ? AVX2 : SCALAR;
+  TORCH_CHECK(cpu_has((Isa)isa), "this CPU does not support the requested instruction set");
+  if (!p.word_groups || isa == SCALAR) return nullptr;
+#ifdef LLMBIN_X86
+  if (isa == AVX512) return pick_by_products<PickAvx512>(p.NB);
+  if (isa == AVX2) return pick_by_products<PickAvx2>(p.NB);
+#endif
+  return nullptr;
+}
+
+// ---------------------------------------------------------------- entry points
+void packed_linear(const at::Tensor& x_in, const at::Tensor& planes, const at::Tensor& colw,
+                         const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit,
+                         const at::Tensor& coef, int64_t K, int64_t group_size, const at::Tensor& rowptr,
+                         const at::Tensor& scol, const at::Tensor& sval, int64_t isa, at::Tensor& out) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be (B, K)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  Plan p = make_plan(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
+  const int64_t B = x.size(0);
+  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == B && out.size(1) == p.N,
+              "out must be contiguous float32 (B, N)");
+  // Activations times each column weight, zero-padded to whole words, and their group sums.
+  at::Tensor xpad = at::zeros({B, p.Kpad}, x.options());
+  xpad.narrow(1, 0, K).copy_(x);
+  at::Tensor xv = xpad.unsqueeze(1) * colw.unsqueeze(0);  // (B, V, Kpad)
+  at::Tensor sums = at::zeros({B, p.V, p.G}, x.options());
+  if (p.G * group_size <= p.Kpad && p.G > 1)
+    sums = xv.narrow(2, 0, p.G * group_size).reshape({B, p.V, p.G, group_size}).sum(3);
+  else if (p.G == 1)
+    sums = xv.sum(2, true);
+  else  // the last group is partial and the padding is shorter than a group
+    for (int64_t g = 0; g < p.G; ++g)
+      sums.select(2, g).copy_(xv.narrow(2, g * group_size, std::min(group_size, K - g * group_size)).sum(2));
+  sums = sums.contiguous();
+  const RowFn fn = choose(p, isa);
+  const float* xp = x.data_ptr<float>();
+  const float* xvp = xv.data_ptr<float>();
+  const float* sp = sums.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, p.N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> partial(fn ? 0 : p.G);
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = xp + b * K;
+        const float* xvb = xvp + b * p.V * p.Kpad;
+        const float* sb = sp + b * p.V * p.G;
+        op[b * p.N + r] = fn ? fn(p, xb, xvb, sb, r) : row_scalar(p, xb, xvb, sb, r, partial);
+      }
+  });
+}
+
+// One dense fp32 row of Ŵ (Kpad wide; zero past K). Scalar: any group size.
+void decode_row_scalar(const Plan& p, int64_t r, float* row) {
+  std::fill(row, row + p.Kpad, 0.f);
+  for (int64_t k = 0; k < p.NP; ++k) {
+    const float* cw = p.colw + p.var[k] * p.Kpad;
+    const float* c = p.coef + (k * p.N + r) * p.G;
+    for (int64_t w = 0; w < p.W64; ++w) {
+      const uint64_t m = k >= p.NB ? ~uint64_t(0) : product_word_generic(p, (int)k, r, w);
+      const int64_t cend = std::min<int64_t>(64, p.K - w * 64);
+      for (int64_t i = 0; i < cend; ++i)
+        if (m >> i & 1) row[w * 64 + i] += c[(w * 64 + i) / p.gs] * cw[w * 64 + i];
+    }
+  }
+}
+
+#ifdef LLMBIN_X86
+// AVX2, groups of whole words: each product adds coef · colw where its bits are set.
+__attribute__((target("avx2,fma"))) void decode_row_avx2(const Plan& p, int64_t r, float* row) {
+  const __m256i shifts[4] = {
+      _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+      _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+  const __m256 zero = _mm256_setzero_ps();
+  std::fill(row, row + p.Kpad, 0.f);
+  for (int64_t k = 0; k < p.NP; ++k) {
+    const float* cw = p.colw + p.var[k] * p.Kpad;
+    const float* c = p.coef + (k * p.N + r) * p.G;
+    const bool constant = k >= p.NB;
+    for (int64_t w = 0; w < p.W64; ++w) {
+      const __m256 cb = _mm256_set1_ps(c[w / p.gwords]);
+      const uint64_t m = constant ? ~uint64_t(0) : product_word_generic(p, (int)k, r, w);
+      for (int half = 0; half < 2; ++half) {
+        const __m256i b = _mm256_set1_epi32((int32_t)(uint32_t)(m >> (32 * half)));
+        for (int j = 0; j < 4; ++j) {
+          float* dst = row + w * 64 + 32 * half + 8 * j;
+          const __m256 sel = _mm256_castsi256_ps(_mm256_sllv_epi32(b, shifts[j]));
+          const __m256 v = _mm256_blendv_ps(zero, _mm256_loadu_ps(cw + w * 64 + 32 * half + 8 * j), sel);
+          _mm256_storeu_ps(dst, _mm256_fmadd_ps(cb, v, _mm256_loadu_ps(dst)));
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Dense fp32 rows [r0, r1) of Ŵ into out (r1 - r0, Kpad), for the large-batch path.
+void decode_rows(const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
+                 const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K,
+                 int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval,
+                 int64_t r0, int64_t r1, at::Tensor& out, int64_t isa) {
+  Plan p = make_plan(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= p.N, "row range out of bounds");
+  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == r1 - r0 && out.size(1) == p.Kpad,
+              "out must be contiguous float32 (rows, Kpad)");
+  if (isa == AUTO) isa = cpu_has(AVX2) ? AVX2 : SCALAR;  // the AVX2 decoder also serves AVX-512 CPUs
+  TORCH_CHECK(cpu_has((Isa)isa), "this CPU does not support the requested instruction set");
+  void (*fn)(const Plan&, int64_t, float*) = decode_row_scalar;
+#ifdef LLMBIN_X86
+  if (isa != SCALAR && p.word_groups) fn = decode_row_avx2;
+#endif
+  float* op = out.data_ptr<float>();
+  at::parallel_for(r0, r1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = op + (r - r0) * p.Kpad;
+      fn(p, r, row);
+      if (p.rowptr)
+        for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) row[p.scol[e]] += p.sval[e];
+    }
+  });
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out{"scalar"};
+  if (cpu_has(AVX2)) out.push_back("avx2");
+  if (cpu_has(AVX512)) out.push_back("avx512");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_linear", &packed_linear, "out (B, N) = x @ W^T for a packed-bit plan (fp32)");
+  m.def("decode_rows", &decode_rows, "out (rows, Kpad) = dense fp32 rows [r0, r1) of a packed-bit plan");
+  m.def("available_isas", &available_isas, "instruction sets this CPU can run");
+}

@@ -1,0 +1,33 @@
+"""Packed-bit matmul kernels: a plan lowering (``plan``), the ``llmbin::packed_linear`` operator
+(``ops``), the C++ CPU kernel (``cpu``) and the Triton GPU kernel (``packed_matmul_triton``)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import LlmbinError
+from .cpu import extension
+from .ops import packed_linear
+from .plan import KernelPlan, build_plan, plan_decode
+
+KERNEL_MODES = ("auto", "reference")
+
+
+def kernel_mode() -> str:
+    """``LLMBIN_KERNEL``: ``auto`` (fastest available, the default) or ``reference`` (plain torch)."""
+    mode = os.environ.get("LLMBIN_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise LlmbinError(f"LLMBIN_KERNEL={mode!r} is not a kernel mode; use one of: {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether ``packed_linear`` runs a real kernel (not a dense fallback) on ``device``."""
+    if device.type == "cpu":
+        return extension() is not None
+    return device.type == "cuda"
+
+
+__all__ = ["KERNEL_MODES", "KernelPlan", "build_plan", "kernel_available", "kernel_mode", "packed_linear",
+           "plan_decode"]

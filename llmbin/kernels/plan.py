@@ -1,0 +1,173 @@
+"""Lower any ``PackedWeight`` layout to one kernel-friendly form: sums of *bit products*.
+
+Every layout the checkpoint format has (PB-LLM, BiLLM/ARB with class planes and column masks,
+DB-LLM's two planes, GPTQ's power-of-two planes) is a polynomial in the sign bits, so
+
+    y[b, r] = Σ_k Σ_g coef[k, r, g] · Σ_{c ∈ g} x[b, c] · colw[var_k, c] · Π_{p ∈ mono_k} bit[p, r, c]
+            + Σ_{salient (r, c)} x[b, c] · delta[r, c]
+
+* ``mono_k`` is a set of planes (a bit mask over plane indices): the product of their bits. The
+  empty set is the constant 1, so that product's inner sum does not depend on the row.
+* ``colw`` holds per-column activation weights: the column mask (class C−1 against the rest)
+  and ARB-RC's per-column scales fold into the activations, not the bits.
+* Signs expand as ``2b − 1`` and class indicators as ``b_q`` or ``1 − b_q``, with ``b·b = b``.
+* Salient weights (PB-LLM) replace the formula; the kernel adds ``delta = salient − formula``
+  at those positions from a CSR list, so the dense bit products stay branch-free.
+
+The kernels (C++ and Triton) evaluate exactly this; :func:`plan_decode` is its dense form, used
+to check a plan against ``PackedWeight.decode``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..packing.bitpack import unpack_bits
+from ..packing.packed_weight import PackedWeight
+from ..packing.positions import decode_positions
+
+Poly = dict[int, float]  # plane-set bit mask -> coefficient; mask 0 is the constant 1
+
+
+def _mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ma, ca in a.items():
+        for mb, cb in b.items():
+            out[ma | mb] = out.get(ma | mb, 0.0) + ca * cb
+    return {m: c for m, c in out.items() if c != 0.0}
+
+
+@dataclass
+class KernelPlan:
+    shape: tuple[int, int]  # (N, K)
+    group_size: int  # columns per coefficient group; >= K means one group per row
+    planes: torch.Tensor  # uint8 (P, N, row_bytes), the checkpoint's own planes (not copied)
+    colw: torch.Tensor  # float32 (V, row_bytes * 8), zero past K
+    prod_var: torch.Tensor  # int32 (NP,) which colw row each product uses
+    prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
+    n_bit_products: int  # products with a non-empty plane set
+    coef: torch.Tensor  # float32 (NP, N, G)
+    sal_rowptr: torch.Tensor  # int64 (N + 1,) CSR over rows; empty when there is no salient part
+    sal_col: torch.Tensor  # int32 (S,)
+    sal_val: torch.Tensor  # float32 (S,)
+
+    @property
+    def num_groups(self) -> int:
+        return self.coef.shape[-1]
+
+    def to(self, device) -> "KernelPlan":
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+    def nbytes(self) -> int:
+        """Memory the plan adds on top of the packed planes."""
+        return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
+                   if f.name != "planes" and isinstance(getattr(self, f.name), torch.Tensor))
+
+
+def _class_factors(pw: PackedWeight) -> list[tuple[str, Poly]]:
+    """For each class: (column factor, plane polynomial) whose product is the class indicator."""
+    has_cp, has_cm = pw.class_plane is not None, pw.column_mask is not None
+    out = []
+    for c in range(pw.num_classes):
+        if has_cm and c == pw.num_classes - 1:
+            out.append(("mask", {0: 1.0}))
+        else:
+            col = "unmasked" if has_cm else "all"
+            if has_cp:
+                q = 1 << pw.class_plane
+                out.append((col, {q: 1.0} if c == 1 else {0: 1.0, q: -1.0}))
+            else:
+                out.append((col, {0: 1.0}))
+    return out
+
+
+def build_plan(pw: PackedWeight) -> KernelPlan:
+    N, K = pw.shape
+    row_bytes = pw.planes.shape[-1]
+    Kpad = row_bytes * 8
+    G = -(-K // pw.group_size)
+    device = pw.planes.device
+    classes = _class_factors(pw)
+    column_mask = unpack_bits(pw.column_mask, K).float() if pw.column_mask is not None else None
+
+    variants: dict[tuple[str, int], int] = {}
+    colw_rows: list[torch.Tensor] = []
+
+    def variant(col: str, term: int) -> int:
+        key = (col, term if pw.col_scale is not None else -1)
+        if key not in variants:
+            w = torch.ones(K, device=device)
+            if col == "mask":
+                w = column_mask.clone()
+            elif col == "unmasked":
+                w = 1.0 - column_mask
+            if key[1] >= 0:
+                w = w * pw.col_scale[term].float()
+            variants[key] = len(colw_rows)
+            colw_rows.append(w)
+        return variants[key]
+
+    acc: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(var: int, poly: Poly, scale: torch.Tensor) -> None:
+        for mono, c in poly.items():
+            key = (var, mono)
+            acc[key] = acc.get(key, 0) + c * scale.float()
+
+    for t, (p, c) in enumerate(pw.terms):
+        col, poly = classes[c]
+        add(variant(col, t), _mul(poly, {1 << p: 2.0, 0: -1.0}), pw.term_alpha(t))
+    for m, c in enumerate(pw.means):
+        col, poly = classes[c]
+        add(variant(col, -1), poly, pw.mu[m])
+
+    keys = sorted(acc, key=lambda k: (k[1] == 0, k))  # bit products first, constants last
+    n_bit = sum(1 for _, mono in keys if mono)
+    colw = torch.zeros(len(colw_rows), Kpad, device=device)
+    if colw_rows:
+        colw[:, :K] = torch.stack(colw_rows)
+    coef = torch.stack([acc[k] for k in keys]) if keys else torch.zeros(0, N, G, device=device)
+    plan = KernelPlan((N, K), pw.group_size, pw.planes, colw,
+                      torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
+                      torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
+                      coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),
+                      torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device))
+    if pw.salient is not None:
+        plan = _with_salient(plan, pw)
+    return plan
+
+
+def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
+    N, K = pw.shape
+    s = pw.salient
+    pos = decode_positions(s.encoding, s.positions, (N, K))
+    exact = pw.decode(torch.float32).view(-1)[pos]
+    formula = plan_decode(plan).view(-1)[pos]  # the plan has no salient part yet
+    rows = pos // K
+    rowptr = torch.zeros(N + 1, dtype=torch.int64, device=pos.device)
+    rowptr[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+    return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=(pos % K).to(torch.int32),
+                               sal_val=(exact - formula).float())  # positions are row-major sorted
+
+
+def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense ``(N, K)`` weight a plan describes (plain torch)."""
+    N, K = plan.shape
+    bits = unpack_bits(plan.planes, K).to(dtype)
+    W = torch.zeros(N, K, dtype=dtype, device=plan.planes.device)
+    for k in range(plan.coef.shape[0]):
+        mono, var = int(plan.prod_mono[k]), int(plan.prod_var[k])
+        prod = torch.ones(N, K, dtype=dtype, device=W.device)
+        for p in range(bits.shape[0]):
+            if mono >> p & 1:
+                prod = prod * bits[p]
+        coef = plan.coef[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
+        W = W + coef * plan.colw[var, :K].to(dtype) * prod
+    if plan.sal_val.numel():
+        rows = torch.repeat_interleave(torch.arange(N, device=W.device), plan.sal_rowptr.diff())
+        W[rows, plan.sal_col.long()] += plan.sal_val.to(dtype)
+    return W

@@ -1,0 +1,64 @@
+"""The C++ kernel against the float64 reference on every layout, shape and instruction set this
+CPU has, with output buffers poisoned (NaN) before each call."""
+import pytest
+import torch
+
+from llmbin.kernels.cpu import ISAS, extension
+from llmbin.kernels.plan import build_plan
+from tests.kernels.conftest import LAYOUTS, SHAPES, assert_matches_reference, random_packed
+
+_ext = extension()
+CPU_ISAS = _ext.available_isas() if _ext is not None else ["scalar"]
+
+
+def _args(plan):
+    return (plan.planes, plan.colw, plan.prod_var, plan.prod_mono, plan.n_bit_products, plan.coef, plan.shape[1],
+            plan.group_size, plan.sal_rowptr, plan.sal_col, plan.sal_val)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matvec_kernel_matches_reference(ext, layout, isa):
+    for i, (N, K, gs) in enumerate(SHAPES):
+        pw = random_packed(layout, N, K, gs, seed=i)
+        plan = build_plan(pw)
+        for batch in (1, 7, 64):
+            x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
+            out = torch.full((batch, N), float("nan"))
+            ext.packed_linear(x, *_args(plan), ISAS[isa], out)
+            assert_matches_reference(out, x, pw)
+
+
+@pytest.mark.parametrize("isa", [i for i in CPU_ISAS if i != "avx512"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_decoder_matches_reference(ext, layout, isa):
+    for i, (N, K, gs) in enumerate(SHAPES):
+        pw = random_packed(layout, N, K, gs, seed=i)
+        plan = build_plan(pw)
+        r0, r1 = N // 3, N
+        out = torch.full((r1 - r0, plan.planes.shape[2] * 8), float("nan"))
+        ext.decode_rows(*_args(plan), r0, r1, out, ISAS[isa])
+        torch.testing.assert_close(out[:, :K].double(), pw.decode(torch.float64)[r0:r1], rtol=1e-6, atol=1e-6)
+        assert not out[:, K:].any(), "columns past K must decode to zero"
+
+
+def test_the_best_instruction_set_is_picked_and_missing_ones_are_refused(ext):
+    assert ext.available_isas()[0] == "scalar"
+    pw = random_packed("sign", 3, 64, 64)
+    plan = build_plan(pw)
+    x = torch.randn(1, 64)
+    out = torch.empty(1, 3)
+    for isa in ("avx2", "avx512"):
+        if isa not in ext.available_isas():
+            with pytest.raises(RuntimeError, match="does not support"):
+                ext.packed_linear(x, *_args(plan), ISAS[isa], out)
+
+
+def test_bad_arguments_are_refused_not_read_out_of_bounds(ext):
+    plan = build_plan(random_packed("sign", 3, 64, 64))
+    with pytest.raises(RuntimeError, match="x must be"):
+        ext.packed_linear(torch.randn(1, 63), *_args(plan), 0, torch.empty(1, 3))
+    with pytest.raises(RuntimeError, match="out must be"):
+        ext.packed_linear(torch.randn(1, 64), *_args(plan), 0, torch.empty(1, 4))
+    with pytest.raises(RuntimeError, match="row range"):
+        ext.decode_rows(*_args(plan), 2, 5, torch.empty(3, 64), 0)

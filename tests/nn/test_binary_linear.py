@@ -1,0 +1,52 @@
+"""``BinaryLinear``: the documented entry points, kernel vs reference, and plan invalidation."""
+import pytest
+import torch
+
+import llmbin
+from llmbin.errors import LlmbinError
+from llmbin.nn import BinaryLinear
+from tests.conftest import tiny_model
+
+
+def test_from_float_is_sign_times_the_rows_mean_magnitude():
+    linear = torch.nn.Linear(70, 5)
+    layer = BinaryLinear.from_float(linear)
+    W = linear.weight.detach()
+    expected = torch.where(W >= 0, 1.0, -1.0) * W.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(layer.packed().decode(), expected, rtol=1e-3, atol=0)  # α is stored in fp16
+    assert torch.equal(layer.bias, linear.bias)
+
+
+@pytest.mark.parametrize("shape", [(1, 70), (7, 70), (2, 32, 70)])
+def test_kernel_forward_matches_the_reference_forward(ext, shape, monkeypatch):
+    layer = BinaryLinear.from_float(torch.nn.Linear(70, 3))
+    x = torch.randn(*shape)
+    fast = layer(x)
+    monkeypatch.setenv("LLMBIN_KERNEL", "reference")
+    torch.testing.assert_close(fast, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_kernel_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LLMBIN_KERNEL", "fastest")
+    with pytest.raises(LlmbinError, match="LLMBIN_KERNEL='fastest'.*auto, reference"):
+        BinaryLinear.from_float(torch.nn.Linear(8, 2))(torch.randn(1, 8))
+
+
+def test_the_plan_is_rebuilt_when_weights_are_loaded_in_place(ext):
+    a, b = (BinaryLinear.from_float(torch.nn.Linear(64, 4)) for _ in range(2))
+    x = torch.randn(1, 64)
+    a(x)  # caches a's plan
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_loaded_checkpoint_generates_the_same_tokens_with_kernel_and_reference(ext, tmp_path, monkeypatch):
+    calib = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
+    model = llmbin.quantize(tiny_model("llama"), llmbin.PBLLMConfig(), calib, progress=False)
+    llmbin.save(model, None, tmp_path / "ckpt")
+    loaded = llmbin.load(tmp_path / "ckpt")
+    prompt = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
+    fast = loaded.generate(prompt, **kwargs)
+    monkeypatch.setenv("LLMBIN_KERNEL", "reference")
+    assert torch.equal(fast, loaded.generate(prompt, **kwargs))

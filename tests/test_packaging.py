@@ -1,0 +1,16 @@
+"""pyproject.toml lists its packages explicitly (the kernel source is mapped in from kernels/),
+so a new subpackage must be added there or wheels would silently miss it."""
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_is_listed_and_the_kernel_source_ships():
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llmbin").rglob("__init__.py")}
+    listed = set(tool["packages"])
+    assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
+    source_dir = ROOT / tool["package-dir"]["llmbin.kernels.csrc"]
+    assert (source_dir / "packed_matmul_cpu.cpp").exists()
+    assert tool["package-data"]["llmbin.kernels.csrc"] == ["*.cpp"]
