@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs
 
-.PHONY: install test demo bench-methods clean
+.PHONY: install test demo bench-methods bench-kernels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ $(VENV)/.bench: $(VENV)/.installed
 # table and PNG plot in $(OUT)/methods/. Resumable: rerun to continue after an interruption.
 bench-methods: $(VENV)/.bench
 	$(BIN)/python eval/method_benchmark.py --out-dir $(OUT)/methods
+
+# The packed-bit kernel against dense F.linear (fp32, bf16) per operator, and SmolLM2 generate
+# tokens/s float vs PB-LLM (needs $(OUT)/methods/pb-llm-10 from bench-methods, or CHECKPOINT=DIR).
+bench-kernels: install
+	$(BIN)/python eval/kernel_benchmark.py --out-dir $(OUT)/kernels --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
 
 clean:
 	rm -rf $(VENV) $(OUT)

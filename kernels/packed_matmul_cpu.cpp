@@ -1,7 +1,8 @@
 // Packed-bit matmul on x86-64 CPUs: y = x @ Ŵᵀ for a KernelPlan (see kernels/plan.py).
 //
 // Ŵ is a sum of bit products: y[b, r] = Σ_k Σ_g coef[k, r, g] · Σ_{c∈g} xv[var_k, c] · bits_k[r, c]
-// plus constant products (row-independent group sums) and a CSR list of salient corrections.
+// plus constant products (row-independent group sums) and a CSR list of salient corrections
+// (salient weight minus the formula there, in fp32).
 // Bits are read as little-endian uint64 words (bit i of word w is column 64·w + i), the
 // checkpoint's own layout, so planes are used in place.
 //
@@ -34,24 +35,56 @@ struct Plan {
   const float* colw;       // (V, Kpad)
   const float* coef;       // (NP, N, G)
   const int64_t* rowptr;   // (N + 1) or null
-  const int32_t* scol;
-  const float* sval;
+  const void* scol;        // int16 or int32 (S)
+  const float* sval;       // (S)
+  float (*salient_sum)(const struct Plan&, const float*, int64_t);
+  void (*salient_write)(const struct Plan&, int64_t, float*);
   int nplanes[MAX_FAST_PRODUCTS * 2];
   int plist[MAX_FAST_PRODUCTS * 2][MAX_PLANES];
   std::vector<int32_t> var, mono;
 };
 
-inline uint64_t product_word(const Plan& p, int k, int64_t r, int64_t w) {
-  uint64_t m = ~uint64_t(0);
-  for (int i = 0; i < p.nplanes[k]; ++i) m &= p.planes[(p.plist[k][i] * p.N + r) * p.W64 + w];
-  return m;
-}
+// A product's planes for one row: most products have one or two, so those are unrolled.
+struct RowPlanes {
+  const uint64_t* rows[MAX_PLANES];
+  int n = 0;
+  void init(const Plan& p, int k, int64_t r) {
+    n = p.nplanes[k];
+    for (int i = 0; i < n; ++i) rows[i] = p.planes + (p.plist[k][i] * p.N + r) * p.W64;
+  }
+  inline uint64_t word(int64_t w) const {
+    if (n == 1) return rows[0][w];
+    if (n == 2) return rows[0][w] & rows[1][w];
+    uint64_t m = rows[0][w];
+#pragma GCC novector
+    for (int i = 1; i < n; ++i) m &= rows[i][w];
+    return m;
+  }
+};
 
 inline uint64_t product_word_generic(const Plan& p, int k, int64_t r, int64_t w) {
   uint64_t m = ~uint64_t(0);
   for (int64_t q = 0; q < p.P; ++q)
     if (p.mono[k] >> q & 1) m &= p.planes[(q * p.N + r) * p.W64 + w];
   return m;
+}
+
+template <typename C>
+float salient_sum(const Plan& p, const float* x, int64_t r) {
+  const C* col = static_cast<const C*>(p.scol);
+  float t[4] = {0.f, 0.f, 0.f, 0.f};  // four chains: the adds do not wait on each other
+  int64_t e = p.rowptr[r];
+  const int64_t end = p.rowptr[r + 1];
+  for (; e + 4 <= end; e += 4)
+    for (int i = 0; i < 4; ++i) t[i] += p.sval[e + i] * x[col[e + i]];
+  for (; e < end; ++e) t[0] += p.sval[e] * x[col[e]];
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+template <typename C>
+void salient_write(const Plan& p, int64_t r, float* row) {
+  const C* col = static_cast<const C*>(p.scol);
+  for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) row[col[e]] += p.sval[e];
 }
 
 // Row-independent part of one row: constant products and salient corrections.
@@ -62,8 +95,7 @@ inline float row_tail(const Plan& p, const float* x, const float* sums, int64_t 
     const float* s = sums + p.var[k] * p.G;
     for (int64_t g = 0; g < p.G; ++g) total += c[g] * s[g];
   }
-  if (p.rowptr)
-    for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) total += p.sval[e] * x[p.scol[e]];
+  if (p.rowptr) total += p.salient_sum(p, x, r);
   return total;
 }
 
@@ -97,34 +129,43 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// NB bit products, NACC independent accumulators each (so adds do not wait on each other).
+// 0/1 float masks for every byte value: row j is bit i of j in lane i. One 8 KiB table turns a
+// byte of bits into a multiplier with a single load, so each 8 weights cost one FMA.
+struct ByteMasks {
+  alignas(32) float m[256][8];
+  ByteMasks() {
+    for (int j = 0; j < 256; ++j)
+      for (int i = 0; i < 8; ++i) m[j][i] = (j >> i) & 1 ? 1.f : 0.f;
+  }
+};
+const ByteMasks kByteMasks;
+
+// NB bit products, NACC independent accumulators each (FMA latency needs about 8 in flight).
 template <int NB, int NACC>
 __attribute__((target("avx2,fma"))) float row_avx2(const Plan& p, const float* x, const float* xv,
                                                    const float* sums, int64_t r) {
-  // Lane i of chunk j (columns 8j..8j+7 of a 32-bit half word) needs bit 8j+i in its sign bit.
-  const __m256i shifts[4] = {
-      _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
-      _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
   const __m256 zero = _mm256_setzero_ps();
   __m256 out = zero;
   const float* xk[NB];
-  for (int k = 0; k < NB; ++k) xk[k] = xv + p.var[k] * p.Kpad;
+  RowPlanes rp[NB];
+  for (int k = 0; k < NB; ++k) {
+    xk[k] = xv + p.var[k] * p.Kpad;
+    rp[k].init(p, k, r);
+  }
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
     __m256 acc[NB][NACC];
     for (int k = 0; k < NB; ++k)
       for (int a = 0; a < NACC; ++a) acc[k][a] = zero;
     for (int64_t w = w0; w < w1; ++w) {
+#pragma GCC unroll 8
       for (int k = 0; k < NB; ++k) {
-        const uint64_t m = product_word(p, k, r, w);
+        const uint64_t m = rp[k].word(w);
         const float* xs = xk[k] + w * 64;
-        for (int half = 0; half < 2; ++half) {
-          const __m256i b = _mm256_set1_epi32((int32_t)(uint32_t)(m >> (32 * half)));
-          for (int j = 0; j < 4; ++j) {
-            const __m256 sel = _mm256_castsi256_ps(_mm256_sllv_epi32(b, shifts[j]));
-            const int a = (half * 4 + j) % NACC;
-            acc[k][a] = _mm256_add_ps(acc[k][a], _mm256_blendv_ps(zero, _mm256_loadu_ps(xs + 32 * half + 8 * j), sel));
-          }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const __m256 mask = _mm256_load_ps(kByteMasks.m[(m >> (8 * j)) & 0xFF]);
+          acc[k][j % NACC] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + 8 * j), mask, acc[k][j % NACC]);
         }
       }
     }
@@ -145,16 +186,22 @@ __attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* 
                                                    const float* sums, int64_t r) {
   __m512 out = _mm512_setzero_ps();
   const float* xk[NB];
-  for (int k = 0; k < NB; ++k) xk[k] = xv + p.var[k] * p.Kpad;
+  RowPlanes rp[NB];
+  for (int k = 0; k < NB; ++k) {
+    xk[k] = xv + p.var[k] * p.Kpad;
+    rp[k].init(p, k, r);
+  }
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
     __m512 acc[NB][NACC];
     for (int k = 0; k < NB; ++k)
       for (int a = 0; a < NACC; ++a) acc[k][a] = _mm512_setzero_ps();
     for (int64_t w = w0; w < w1; ++w) {
+#pragma GCC unroll 8
       for (int k = 0; k < NB; ++k) {
-        const uint64_t m = product_word(p, k, r, w);
+        const uint64_t m = rp[k].word(w);
         const float* xs = xk[k] + w * 64;
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           const int a = j % NACC;
           acc[k][a] = _mm512_mask_add_ps(acc[k][a], (__mmask16)(m >> (16 * j)), acc[k][a], _mm512_loadu_ps(xs + 16 * j));
@@ -176,11 +223,11 @@ using RowFn = float (*)(const Plan&, const float*, const float*, const float*, i
 template <template <int, int> class Pick>
 RowFn pick_by_products(int64_t nb) {
   switch (nb) {  // more accumulators when there are few products, to hide add latency
-    case 1: return Pick<1, 4>::fn;
+    case 1: return Pick<1, 8>::fn;
     case 2: return Pick<2, 4>::fn;
     case 3: return Pick<3, 2>::fn;
     case 4: return Pick<4, 2>::fn;
-    case 5: return Pick<5, 1>::fn;
+    case 5: return Pick<5, 2>::fn;
     case 6: return Pick<6, 1>::fn;
     case 7: return Pick<7, 1>::fn;
     case 8: return Pick<8, 1>::fn;
@@ -226,9 +273,21 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tenso
     for (int q = 0; q < p.P; ++q)
       if (p.mono[k] >> q & 1) p.plist[k][p.nplanes[k]++] = q;
   }
-  p.rowptr = rowptr.numel() ? rowptr.data_ptr<int64_t>() : nullptr;
-  p.scol = scol.numel() ? scol.data_ptr<int32_t>() : nullptr;
-  p.sval = sval.numel() ? sval.data_ptr<float>() : nullptr;
+  p.rowptr = nullptr;
+  if (rowptr.numel()) {
+    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.numel() == p.N + 1, "sal_rowptr: int64 (N + 1)");
+    const bool c16 = scol.dtype() == at::kShort;
+    TORCH_CHECK((c16 || scol.dtype() == at::kInt) && sval.dtype() == at::kFloat, "sal_col int16/32, sal_val float32");
+    // Columns are trusted (build_plan takes them from validated positions): a per-call scan
+    // would cost as much as the product itself.
+    p.rowptr = rowptr.data_ptr<int64_t>();
+    TORCH_CHECK(p.rowptr[0] == 0 && scol.numel() == p.rowptr[p.N] && sval.numel() == p.rowptr[p.N],
+                "salient lists do not match sal_rowptr");
+    p.scol = scol.data_ptr();
+    p.sval = sval.data_ptr<float>();
+    p.salient_sum = c16 ? salient_sum<int16_t> : salient_sum<int32_t>;
+    p.salient_write = c16 ? salient_write<int16_t> : salient_write<int32_t>;
+  }
   return p;
 }
 
@@ -248,29 +307,29 @@ void packed_linear(const at::Tensor& x_in, const at::Tensor& planes, const at::T
                          const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit,
                          const at::Tensor& coef, int64_t K, int64_t group_size, const at::Tensor& rowptr,
                          const at::Tensor& scol, const at::Tensor& sval, int64_t isa, at::Tensor& out) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be (B, K)");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.dtype() == at::kFloat && x_in.is_contiguous(),
+              "x must be contiguous float32 (B, K)");
   Plan p = make_plan(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
-  const int64_t B = x.size(0);
+  const int64_t B = x_in.size(0);
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == B && out.size(1) == p.N,
               "out must be contiguous float32 (B, N)");
-  // Activations times each column weight, zero-padded to whole words, and their group sums.
-  at::Tensor xpad = at::zeros({B, p.Kpad}, x.options());
-  xpad.narrow(1, 0, K).copy_(x);
-  at::Tensor xv = xpad.unsqueeze(1) * colw.unsqueeze(0);  // (B, V, Kpad)
-  at::Tensor sums = at::zeros({B, p.V, p.G}, x.options());
-  if (p.G * group_size <= p.Kpad && p.G > 1)
-    sums = xv.narrow(2, 0, p.G * group_size).reshape({B, p.V, p.G, group_size}).sum(3);
-  else if (p.G == 1)
-    sums = xv.sum(2, true);
-  else  // the last group is partial and the padding is shorter than a group
-    for (int64_t g = 0; g < p.G; ++g)
-      sums.select(2, g).copy_(xv.narrow(2, g * group_size, std::min(group_size, K - g * group_size)).sum(2));
-  sums = sums.contiguous();
+  // Activations times each column weight, zero-padded to whole words, and their group sums
+  // (plain loops: tensor ops here would cost more than a small layer's product).
+  const float* xp = x_in.data_ptr<float>();
+  std::vector<float> xv(B * p.V * p.Kpad, 0.f), sums(B * p.V * p.G, 0.f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t v = 0; v < p.V; ++v) {
+      float* dst = xv.data() + (b * p.V + v) * p.Kpad;
+      const float* cw = p.colw + v * p.Kpad;
+      float* gs = sums.data() + (b * p.V + v) * p.G;
+      for (int64_t c = 0; c < K; ++c) {
+        dst[c] = xp[b * K + c] * cw[c];
+        gs[c / group_size] += dst[c];
+      }
+    }
   const RowFn fn = choose(p, isa);
-  const float* xp = x.data_ptr<float>();
-  const float* xvp = xv.data_ptr<float>();
-  const float* sp = sums.data_ptr<float>();
+  const float* xvp = xv.data();
+  const float* sp = sums.data();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, p.N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> partial(fn ? 0 : p.G);
@@ -348,10 +407,23 @@ void decode_rows(const at::Tensor& planes, const at::Tensor& colw, const at::Ten
     for (int64_t r = begin; r < end; ++r) {
       float* row = op + (r - r0) * p.Kpad;
       fn(p, r, row);
-      if (p.rowptr)
-        for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) row[p.scol[e]] += p.sval[e];
+      if (p.rowptr) p.salient_write(p, r, row);
     }
   });
+}
+
+// The whole small-batch layer call in one crossing from Python: any leading shape and float
+// dtype in, the same out (per-call Python work would otherwise cost more than a small layer).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
+                  const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
+                  const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval, int64_t isa) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must end in K features");
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = planes.size(1);
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({x2.size(0), planes.size(1)}, x2.options());
+  packed_linear(x2, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, isa, out);
+  return out.view(sizes).to(x.scalar_type());
 }
 
 std::vector<std::string> available_isas() {
@@ -364,6 +436,7 @@ std::vector<std::string> available_isas() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x @ W^T for any leading shape and float dtype (small batches)");
   m.def("packed_linear", &packed_linear, "out (B, N) = x @ W^T for a packed-bit plan (fp32)");
   m.def("decode_rows", &decode_rows, "out (rows, Kpad) = dense fp32 rows [r0, r1) of a packed-bit plan");
   m.def("available_isas", &available_isas, "instruction sets this CPU can run");

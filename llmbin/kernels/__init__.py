@@ -1,5 +1,6 @@
-"""Packed-bit matmul kernels: a plan lowering (``plan``), the ``llmbin::packed_linear`` operator
-(``ops``), the C++ CPU kernel (``cpu``) and the Triton GPU kernel (``packed_matmul_triton``)."""
+"""Packed-bit matmul: the lowering of every layout to bit products (``plan``), the
+``llmbin::packed_linear`` operator (``ops``) and the C++ CPU kernel's just-in-time build (``cpu``;
+its source is the top-level ``kernels/packed_matmul_cpu.cpp``)."""
 from __future__ import annotations
 
 import os
@@ -29,5 +30,12 @@ def kernel_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def use_kernel(x: torch.Tensor) -> bool:
+    """Whether a layer should run ``x`` through ``packed_linear`` (hot path: kept cheap)."""
+    if os.environ.get("LLMBIN_KERNEL") and kernel_mode() == "reference":
+        return False
+    return extension() is not None if x.is_cpu else x.is_cuda
+
+
 __all__ = ["KERNEL_MODES", "KernelPlan", "build_plan", "kernel_available", "kernel_mode", "packed_linear",
-           "plan_decode"]
+           "plan_decode", "use_kernel"]

@@ -7,13 +7,11 @@ export can trace through it. Implementations:
 * CPU: the C++ kernel (``packed_matmul_cpu.cpp``). Small batches run the packed-bit
   matrix-vector kernel, which reads only the bits; larger batches expand bands of rows to fp32
   and multiply them with torch's GEMM, which is compute-bound there anyway.
-* CUDA: the Triton kernel (``packed_matmul_triton.py``), imported only when a CUDA tensor
-  arrives.
-* Anywhere the compiled kernel is unavailable: the plan decoded densely with plain torch.
+* CUDA: the plan decoded densely with plain torch for now (correct, not fast); the Triton
+  kernel registers here when it lands.
+* Anywhere the compiled kernel is unavailable: the same dense plain-torch decode.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -27,21 +25,13 @@ MATVEC_MAX_WORK = 16
 BAND_BYTES = 4 << 20  # rows decoded per GEMM band: about this many fp32 bytes (stays in cache)
 
 
-def _plan_from_args(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval) -> KernelPlan:
-    return KernelPlan((planes.shape[1], K), group_size, planes, colw, prod_var, prod_mono, n_bit, coef, rowptr, scol,
-                      sval)
-
-
-@torch.library.custom_op("llmbin::packed_linear", mutates_args=(), device_types="cpu")
-def packed_linear_op(x: Tensor, planes: Tensor, colw: Tensor, prod_var: Tensor, prod_mono: Tensor, n_bit: int,
-                     coef: Tensor, K: int, group_size: int, sal_rowptr: Tensor, sal_col: Tensor, sal_val: Tensor,
-                     isa: int = 0) -> Tensor:
-    """``x`` (B, K) -> float32 (B, N). ``isa`` picks the CPU path (0 = best available)."""
+def _packed_linear_cpu(x: Tensor, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+                      sal_val, isa: int = 0) -> Tensor:
     args = (planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
     ext = extension()
-    x = x.float()
+    x = x.float().contiguous()
     if ext is None:
-        return x @ plan_decode(_plan_from_args(*args)).T
+        return x @ plan_decode(KernelPlan.from_op_args(*args)).T
     N = planes.shape[1]
     out = x.new_empty(x.shape[0], N)
     if x.shape[0] * max(n_bit, 1) <= MATVEC_MAX_WORK:
@@ -56,6 +46,16 @@ def packed_linear_op(x: Tensor, planes: Tensor, colw: Tensor, prod_var: Tensor, 
     return out
 
 
+@torch.library.custom_op("llmbin::packed_linear", mutates_args=(), device_types="cpu")
+def packed_linear_op(x: Tensor, planes: Tensor, colw: Tensor, prod_var: Tensor, prod_mono: Tensor, n_bit: int,
+                     coef: Tensor, K: int, group_size: int, sal_rowptr: Tensor, sal_col: Tensor, sal_val: Tensor,
+                     isa: int = 0) -> Tensor:
+    """``x`` (B, K) -> float32 (B, N); the rest is ``KernelPlan.op_args()``. ``isa`` picks the CPU
+    path (0 = best available)."""
+    return _packed_linear_cpu(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+                              sal_val, isa)
+
+
 @packed_linear_op.register_fake
 def _(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
     torch._check(x.shape[-1] == K)
@@ -64,26 +64,20 @@ def _(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowp
 
 @packed_linear_op.register_kernel("cuda")
 def _(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
-    args = (planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
-    triton_kernel = _triton()
-    if triton_kernel is None:
-        return x.float() @ plan_decode(_plan_from_args(*args)).T
-    return triton_kernel(x.float(), _plan_from_args(*args))
-
-
-@functools.lru_cache(maxsize=None)
-def _triton():
-    try:
-        from .packed_matmul_triton import packed_linear_triton
-    except ImportError:
-        return None
-    return packed_linear_triton
+    plan = KernelPlan.from_op_args(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+                                   sal_val)
+    return x.float() @ plan_decode(plan).T
 
 
 def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
     """``x @ Ŵᵀ`` for any leading shape of ``x``, in ``x``'s dtype."""
-    lead = x.shape[:-1]
-    y = packed_linear_op(x.reshape(-1, x.shape[-1]), plan.planes, plan.colw, plan.prod_var, plan.prod_mono,
-                         plan.n_bit_products, plan.coef, plan.shape[1], plan.group_size, plan.sal_rowptr,
-                         plan.sal_col, plan.sal_val, ISAS[isa])
-    return y.reshape(*lead, plan.shape[0]).to(x.dtype)
+    if x.is_cpu and not torch.compiler.is_compiling():
+        # Eager CPU calls skip the dispatcher (its Python round trip costs more than a small
+        # layer), and small batches go to C++ in one call.
+        ext = extension()
+        if ext is not None and x.numel() // plan.shape[1] * max(plan.n_bit_products, 1) <= MATVEC_MAX_WORK:
+            return ext.linear(x, *plan.op_args(), ISAS[isa])
+        y = _packed_linear_cpu(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])
+    else:
+        y = packed_linear_op(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])
+    return y.reshape(*x.shape[:-1], plan.shape[0]).to(x.dtype)

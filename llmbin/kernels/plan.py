@@ -11,8 +11,10 @@ DB-LLM's two planes, GPTQ's power-of-two planes) is a polynomial in the sign bit
 * ``colw`` holds per-column activation weights: the column mask (class C−1 against the rest)
   and ARB-RC's per-column scales fold into the activations, not the bits.
 * Signs expand as ``2b − 1`` and class indicators as ``b_q`` or ``1 − b_q``, with ``b·b = b``.
-* Salient weights (PB-LLM) replace the formula; the kernel adds ``delta = salient − formula``
-  at those positions from a CSR list, so the dense bit products stay branch-free.
+* Salient weights (PB-LLM) replace the formula: a CSR list per row holds each one's column and
+  ``delta = salient − formula`` in float32, so the dense bit products stay branch-free and a
+  salient weight costs one multiply-add. (Keeping the int8 value instead and evaluating the
+  formula per salient weight saves 3 bytes each but made SmolLM2 decode several times slower.)
 
 The kernels (C++ and Triton) evaluate exactly this; :func:`plan_decode` is its dense form, used
 to check a plan against ``PackedWeight.decode``.
@@ -50,12 +52,23 @@ class KernelPlan:
     n_bit_products: int  # products with a non-empty plane set
     coef: torch.Tensor  # float32 (NP, N, G)
     sal_rowptr: torch.Tensor  # int64 (N + 1,) CSR over rows; empty when there is no salient part
-    sal_col: torch.Tensor  # int32 (S,)
-    sal_val: torch.Tensor  # float32 (S,)
+    sal_col: torch.Tensor  # int16 (S,), or int32 when K > 32767
+    sal_val: torch.Tensor  # float32 (S,) salient weight minus the formula there
 
     @property
     def num_groups(self) -> int:
         return self.coef.shape[-1]
+
+    def op_args(self) -> tuple:
+        """The plan as the ``llmbin::packed_linear`` operator (and the C++ kernel) take it, after ``x``."""
+        return (self.planes, self.colw, self.prod_var, self.prod_mono, self.n_bit_products, self.coef, self.shape[1],
+                self.group_size, self.sal_rowptr, self.sal_col, self.sal_val)
+
+    @classmethod
+    def from_op_args(cls, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+                     sal_val) -> "KernelPlan":
+        return cls((planes.shape[1], K), group_size, planes, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
+                   sal_col, sal_val)
 
     def to(self, device) -> "KernelPlan":
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
@@ -135,7 +148,7 @@ def build_plan(pw: PackedWeight) -> KernelPlan:
                       torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
                       torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
                       coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),
-                      torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device))
+                      torch.zeros(0, dtype=torch.int16, device=device), torch.zeros(0, device=device))
     if pw.salient is not None:
         plan = _with_salient(plan, pw)
     return plan
@@ -144,14 +157,13 @@ def build_plan(pw: PackedWeight) -> KernelPlan:
 def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
     N, K = pw.shape
     s = pw.salient
-    pos = decode_positions(s.encoding, s.positions, (N, K))
+    pos = decode_positions(s.encoding, s.positions, (N, K))  # row-major order, so already CSR-sorted
     exact = pw.decode(torch.float32).view(-1)[pos]
     formula = plan_decode(plan).view(-1)[pos]  # the plan has no salient part yet
-    rows = pos // K
     rowptr = torch.zeros(N + 1, dtype=torch.int64, device=pos.device)
-    rowptr[1:] = torch.bincount(rows, minlength=N).cumsum(0)
-    return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=(pos % K).to(torch.int32),
-                               sal_val=(exact - formula).float())  # positions are row-major sorted
+    rowptr[1:] = torch.bincount(pos // K, minlength=N).cumsum(0)
+    return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=(pos % K).to(torch.int16 if K <= 32767 else torch.int32),
+                               sal_val=exact - formula)
 
 
 def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -167,7 +179,7 @@ def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.T
                 prod = prod * bits[p]
         coef = plan.coef[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
         W = W + coef * plan.colw[var, :K].to(dtype) * prod
-    if plan.sal_val.numel():
+    if plan.sal_rowptr.numel():
         rows = torch.repeat_interleave(torch.arange(N, device=W.device), plan.sal_rowptr.diff())
         W[rows, plan.sal_col.long()] += plan.sal_val.to(dtype)
     return W

@@ -39,7 +39,7 @@ class BinaryLinear(nn.Module):
     def kernel_plan(self) -> kernels.KernelPlan:
         """The kernel's lowering of this layer, built once and rebuilt only if a buffer changes
         (moved to another device, or loaded into in place)."""
-        key = tuple((id(b), b._version) for b in self.buffers(recurse=False))
+        key = tuple((id(b), b._version) for b in self._buffers.values())
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, kernels.build_plan(self.packed()))
         return self._plan[1]
@@ -50,7 +50,7 @@ class BinaryLinear(nn.Module):
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
             return F.linear(x, self._dense, bias)
-        if kernels.kernel_mode() == "reference" or not kernels.kernel_available(x.device):
+        if not kernels.use_kernel(x):
             return F.linear(x, self.packed().decode(x.dtype), bias)
         y = kernels.packed_linear(x, self.kernel_plan())
         return y if bias is None else y + bias

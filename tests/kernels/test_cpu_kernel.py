@@ -12,8 +12,7 @@ CPU_ISAS = _ext.available_isas() if _ext is not None else ["scalar"]
 
 
 def _args(plan):
-    return (plan.planes, plan.colw, plan.prod_var, plan.prod_mono, plan.n_bit_products, plan.coef, plan.shape[1],
-            plan.group_size, plan.sal_rowptr, plan.sal_col, plan.sal_val)
+    return plan.op_args()
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

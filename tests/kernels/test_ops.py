@@ -35,10 +35,10 @@ def test_leading_dimensions_and_dtype_are_kept(ext):
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_operator_passes_opcheck_and_traces_with_its_fake(ext):
-    plan = build_plan(random_packed("arb-rc", 6, 130, 64))
-    args = (torch.randn(3, 130), plan.planes, plan.colw, plan.prod_var, plan.prod_mono, plan.n_bit_products,
-            plan.coef, 130, 64, plan.sal_rowptr, plan.sal_col, plan.sal_val)
+@pytest.mark.parametrize("layout", ["arb-rc", "pb-llm"])
+def test_operator_passes_opcheck_and_traces_with_its_fake(ext, layout):
+    plan = build_plan(random_packed(layout, 6, 130, 64))
+    args = (torch.randn(3, 130), *plan.op_args())
     torch.library.opcheck(torch.ops.llmbin.packed_linear.default, args)
     compiled = torch.compile(lambda x: packed_linear(x, plan) * 2, backend="aot_eager", fullgraph=True)
     x = torch.randn(4, 130)

@@ -39,6 +39,10 @@ def test_products_expand_signs_and_classes_into_plane_monomials():
 def test_salient_corrections_sit_at_the_salient_positions():
     pw = random_packed("pb-llm", 5, 100, 100)
     plan = build_plan(pw)
-    assert plan.sal_rowptr[-1] == pw.salient.count == plan.sal_col.numel()
+    assert plan.sal_rowptr[-1] == pw.salient.count == plan.sal_col.numel() == plan.sal_val.numel()
+    assert plan.sal_col.dtype == torch.int16  # 6 bytes per salient weight
+    rows = torch.repeat_interleave(torch.arange(5), plan.sal_rowptr.diff())
+    assert not torch.equal(pw.decode(), plan_decode(build_plan(random_packed("sign+mean", 5, 100, 100))))
+    torch.testing.assert_close(plan_decode(plan)[rows, plan.sal_col.long()], pw.decode()[rows, plan.sal_col.long()])
     without = build_plan(random_packed("sign+mean", 5, 100, 100))
-    assert without.sal_val.numel() == 0
+    assert without.sal_rowptr.numel() == 0
