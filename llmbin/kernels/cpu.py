@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,8 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled module, or None when it cannot be built here."""
+    if shutil.which("ninja") is None:  # pip's ninja sits next to this interpreter, maybe not on PATH
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils import cpp_extension
 

@@ -51,7 +51,7 @@ def packed_linear_op(x: Tensor, planes: Tensor, colw: Tensor, prod_var: Tensor, 
                      coef: Tensor, K: int, group_size: int, sal_rowptr: Tensor, sal_col: Tensor, sal_val: Tensor,
                      isa: int = 0) -> Tensor:
     """``x`` (B, K) -> float32 (B, N); the rest is ``KernelPlan.op_args()``. ``isa`` picks the CPU
-    path (0 = best available)."""
+    path (0 = the default: AVX2 where the CPU has it)."""
     return _packed_linear_cpu(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                               sal_val, isa)
 
