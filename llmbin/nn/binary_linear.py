@@ -50,10 +50,14 @@ class BinaryLinear(nn.Module):
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
             return F.linear(x, self._dense, bias)
-        if not kernels.use_kernel(x):
+        if not kernels.use_kernel(x) or (torch.is_grad_enabled() and self._trains_scales()):
+            # the kernel has no backward; training scales (distillation) goes through the decode
             return F.linear(x, self.packed().decode(x.dtype), bias)
         y = kernels.packed_linear(x, self.kernel_plan())
         return y if bias is None else y + bias
+
+    def _trains_scales(self) -> bool:
+        return any(b.requires_grad for b in self._buffers.values())
 
     def extra_repr(self) -> str:
         salient = f", salient={self.layout['salient']['count']}" if "salient" in self.layout else ""

@@ -50,3 +50,10 @@ def test_loaded_checkpoint_generates_the_same_tokens_with_kernel_and_reference(e
     fast = loaded.generate(prompt, **kwargs)
     monkeypatch.setenv("LLMBIN_KERNEL", "reference")
     assert torch.equal(fast, loaded.generate(prompt, **kwargs))
+
+
+def test_scales_that_require_grad_get_gradients(ext):
+    layer = BinaryLinear.from_float(torch.nn.Linear(64, 4))
+    layer.alpha.requires_grad_(True)
+    layer(torch.randn(2, 64)).sum().backward()
+    assert layer.alpha.grad is not None and layer.alpha.grad.abs().sum() > 0
