@@ -21,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 # The main job on a real default: quantize SmolLM2-135M with PB-LLM, evaluate it, print the table.
 demo: install

@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,8 +39,8 @@ struct Plan {
   const float* sval;       // (S)
   float (*salient_sum)(const struct Plan&, const float*, int64_t);
   void (*salient_write)(const struct Plan&, int64_t, float*);
-  int nplanes[MAX_FAST_PRODUCTS * 2];
-  int plist[MAX_FAST_PRODUCTS * 2][MAX_PLANES];
+  int nplanes[MAX_FAST_PRODUCTS];  // plane lists of the bit products the SIMD paths serve
+  int plist[MAX_FAST_PRODUCTS][MAX_PLANES];
   std::vector<int32_t> var, mono;
 };
 
@@ -57,9 +56,21 @@ struct RowPlanes {
     if (n == 1) return rows[0][w];
     if (n == 2) return rows[0][w] & rows[1][w];
     uint64_t m = rows[0][w];
-#pragma GCC novector
     for (int i = 1; i < n; ++i) m &= rows[i][w];
     return m;
+  }
+};
+
+// Each bit product's activations and plane rows for one output row (shared by the SIMD paths).
+template <int NB>
+struct RowProducts {
+  const float* x[NB];
+  RowPlanes planes[NB];
+  RowProducts(const Plan& p, const float* xv, int64_t r) {
+    for (int k = 0; k < NB; ++k) {
+      x[k] = xv + p.var[k] * p.Kpad;
+      planes[k].init(p, k, r);
+    }
   }
 };
 
@@ -147,12 +158,7 @@ __attribute__((target("avx2,fma"))) float row_avx2(const Plan& p, const float* x
                                                    const float* sums, int64_t r) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 out = zero;
-  const float* xk[NB];
-  RowPlanes rp[NB];
-  for (int k = 0; k < NB; ++k) {
-    xk[k] = xv + p.var[k] * p.Kpad;
-    rp[k].init(p, k, r);
-  }
+  const RowProducts<NB> rows(p, xv, r);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
     __m256 acc[NB][NACC];
@@ -161,8 +167,8 @@ __attribute__((target("avx2,fma"))) float row_avx2(const Plan& p, const float* x
     for (int64_t w = w0; w < w1; ++w) {
 #pragma GCC unroll 8
       for (int k = 0; k < NB; ++k) {
-        const uint64_t m = rp[k].word(w);
-        const float* xs = xk[k] + w * 64;
+        const uint64_t m = rows.planes[k].word(w);
+        const float* xs = rows.x[k] + w * 64;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
           const __m256 mask = _mm256_load_ps(kByteMasks.m[(m >> (8 * j)) & 0xFF]);
@@ -186,12 +192,7 @@ template <int NB, int NACC>
 __attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* x, const float* xv,
                                                    const float* sums, int64_t r) {
   __m512 out = _mm512_setzero_ps();
-  const float* xk[NB];
-  RowPlanes rp[NB];
-  for (int k = 0; k < NB; ++k) {
-    xk[k] = xv + p.var[k] * p.Kpad;
-    rp[k].init(p, k, r);
-  }
+  const RowProducts<NB> rows(p, xv, r);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
     __m512 acc[NB][NACC];
@@ -200,8 +201,8 @@ __attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* 
     for (int64_t w = w0; w < w1; ++w) {
 #pragma GCC unroll 8
       for (int k = 0; k < NB; ++k) {
-        const uint64_t m = rp[k].word(w);
-        const float* xs = xk[k] + w * 64;
+        const uint64_t m = rows.planes[k].word(w);
+        const float* xs = rows.x[k] + w * 64;
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           const int a = j % NACC;
@@ -269,7 +270,7 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tenso
   p.coef = coef.data_ptr<float>();
   p.var.assign(prod_var.data_ptr<int32_t>(), prod_var.data_ptr<int32_t>() + p.NP);
   p.mono.assign(prod_mono.data_ptr<int32_t>(), prod_mono.data_ptr<int32_t>() + p.NP);
-  for (int64_t k = 0; k < std::min<int64_t>(p.NB, MAX_FAST_PRODUCTS * 2); ++k) {
+  for (int64_t k = 0; k < std::min<int64_t>(p.NB, MAX_FAST_PRODUCTS); ++k) {
     p.nplanes[k] = 0;
     for (int q = 0; q < p.P; ++q)
       if (p.mono[k] >> q & 1) p.plist[k][p.nplanes[k]++] = q;

@@ -1,21 +1,52 @@
-"""The C++ CPU kernel, compiled just in time on first use and cached by torch's extension
-builder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); a source change
-rebuilds it. Without a compiler the build fails once, with a one-line warning, and callers use
-the plain-torch reference path."""
+"""The C++ CPU kernel, compiled just in time on first use and cached per source, torch and Python
+version under ``$LLMBIN_KERNEL_CACHE`` (default ``~/.cache/llmbin/kernels``); a source change or
+a torch upgrade builds a fresh copy instead of loading a stale binary. Without a compiler the
+build fails once, with a one-line warning, and callers use the plain-torch reference path."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; builds there are not guarded against each other
+    fcntl = None
+
 _NAME = "packed_matmul_cpu.cpp"
 # A wheel ships it as llmbin/kernels/csrc/; a source checkout keeps it in the top-level kernels/.
 SOURCE = next((p for p in (Path(__file__).with_name("csrc") / _NAME, Path(__file__).parents[2] / "kernels" / _NAME)
                if p.exists()), Path(__file__).parents[2] / "kernels" / _NAME)
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+FLAGS = ["-O3", "-fopenmp"]
+TORCH_LOCK = "lock"  # the marker file torch's extension builder waits on, forever if it is stale
+
+
+def build_directory() -> Path:
+    import torch
+
+    root = os.environ.get("LLMBIN_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                         "llmbin", "kernels")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return Path(root) / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path):
+    """One builder per directory. torch's own marker file survives a build that was killed
+    (Ctrl-C, a timeout, a machine image taken mid-build) and then blocks every later process
+    forever; an OS lock is released when its holder dies, so whoever holds it may delete the marker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "llmbin.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        (directory / TORCH_LOCK).unlink(missing_ok=True)
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,9 +57,11 @@ def extension():
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                  verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
+        directory = build_directory()
+        with build_lock(directory):
+            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(SOURCE)], build_directory=str(directory),
+                                      extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                      verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
     except Exception as exc:  # noqa: BLE001 (any build failure means: use the reference path)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"llmbin: the CPU kernel could not be built ({reason}); using the slower plain-torch "

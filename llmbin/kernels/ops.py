@@ -25,6 +25,11 @@ MATVEC_MAX_WORK = 16
 BAND_BYTES = 4 << 20  # rows decoded per GEMM band: about this many fp32 bytes (stays in cache)
 
 
+def _matvec(batch: int, n_bit: int) -> bool:
+    """Whether the packed-bit matrix-vector kernel (not band decode + GEMM) serves this batch."""
+    return batch * max(n_bit, 1) <= MATVEC_MAX_WORK
+
+
 def _packed_linear_cpu(x: Tensor, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                       sal_val, isa: int = 0) -> Tensor:
     args = (planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
@@ -34,7 +39,7 @@ def _packed_linear_cpu(x: Tensor, planes, colw, prod_var, prod_mono, n_bit, coef
         return x @ plan_decode(KernelPlan.from_op_args(*args)).T
     N = planes.shape[1]
     out = x.new_empty(x.shape[0], N)
-    if x.shape[0] * max(n_bit, 1) <= MATVEC_MAX_WORK:
+    if _matvec(x.shape[0], n_bit):
         ext.packed_linear(x, *args, isa, out)
         return out
     band = max(16, BAND_BYTES // (4 * K) // 16 * 16)
@@ -75,7 +80,7 @@ def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
         # Eager CPU calls skip the dispatcher (its Python round trip costs more than a small
         # layer), and small batches go to C++ in one call.
         ext = extension()
-        if ext is not None and x.numel() // plan.shape[1] * max(plan.n_bit_products, 1) <= MATVEC_MAX_WORK:
+        if ext is not None and _matvec(x.numel() // plan.shape[1], plan.n_bit_products):
             return ext.linear(x, *plan.op_args(), ISAS[isa])
         y = _packed_linear_cpu(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])
     else:

@@ -70,11 +70,6 @@ class KernelPlan:
         return cls((planes.shape[1], K), group_size, planes, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
                    sal_col, sal_val)
 
-    def to(self, device) -> "KernelPlan":
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved)
-
     def nbytes(self) -> int:
         """Memory the plan adds on top of the packed planes."""
         return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)

@@ -11,10 +11,6 @@ _ext = extension()
 CPU_ISAS = _ext.available_isas() if _ext is not None else ["scalar"]
 
 
-def _args(plan):
-    return plan.op_args()
-
-
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matvec_kernel_matches_reference(ext, layout, isa):
@@ -24,7 +20,7 @@ def test_matvec_kernel_matches_reference(ext, layout, isa):
         for batch in (1, 7, 64):
             x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
             out = torch.full((batch, N), float("nan"))
-            ext.packed_linear(x, *_args(plan), ISAS[isa], out)
+            ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
             assert_matches_reference(out, x, pw)
 
 
@@ -36,7 +32,7 @@ def test_row_decoder_matches_reference(ext, layout, isa):
         plan = build_plan(pw)
         r0, r1 = N // 3, N
         out = torch.full((r1 - r0, plan.planes.shape[2] * 8), float("nan"))
-        ext.decode_rows(*_args(plan), r0, r1, out, ISAS[isa])
+        ext.decode_rows(*plan.op_args(), r0, r1, out, ISAS[isa])
         torch.testing.assert_close(out[:, :K].double(), pw.decode(torch.float64)[r0:r1], rtol=1e-6, atol=1e-6)
         assert not out[:, K:].any(), "columns past K must decode to zero"
 
@@ -50,14 +46,14 @@ def test_the_best_instruction_set_is_picked_and_missing_ones_are_refused(ext):
     for isa in ("avx2", "avx512"):
         if isa not in ext.available_isas():
             with pytest.raises(RuntimeError, match="does not support"):
-                ext.packed_linear(x, *_args(plan), ISAS[isa], out)
+                ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
 
 
 def test_bad_arguments_are_refused_not_read_out_of_bounds(ext):
     plan = build_plan(random_packed("sign", 3, 64, 64))
     with pytest.raises(RuntimeError, match="x must be"):
-        ext.packed_linear(torch.randn(1, 63), *_args(plan), 0, torch.empty(1, 3))
+        ext.packed_linear(torch.randn(1, 63), *plan.op_args(), 0, torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="out must be"):
-        ext.packed_linear(torch.randn(1, 64), *_args(plan), 0, torch.empty(1, 4))
+        ext.packed_linear(torch.randn(1, 64), *plan.op_args(), 0, torch.empty(1, 4))
     with pytest.raises(RuntimeError, match="row range"):
-        ext.decode_rows(*_args(plan), 2, 5, torch.empty(3, 64), 0)
+        ext.decode_rows(*plan.op_args(), 2, 5, torch.empty(3, 64), 0)
