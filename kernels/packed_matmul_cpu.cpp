@@ -6,10 +6,17 @@
 // Bits are read as little-endian uint64 words (bit i of word w is column 64·w + i), the
 // checkpoint's own layout, so planes are used in place.
 //
-// Paths, chosen at run time: AVX2 (one FMA per 8 weights with a 0/1 mask from a byte table),
-// portable scalar (walks the set bits), and AVX-512 (masked adds driven by 16-bit masks; opt-in
-// until verified on AVX-512 hardware).
-// decode_rows() expands a band of rows to fp32 for the large-batch path (tiles + GEMM).
+// Paths, chosen at run time:
+// * AVX2 table lookup (the default; batch-1 decode is what it is for). Per group of 4 columns
+//   the 16 possible partial sums of the activations are tabulated as int16, split into a low
+//   and a high byte table, so that one vpshufb looks up 32 rows' nibbles at once (the T-MAC /
+//   bitnet.cpp idea). The bits are re-laid out in 16-row tiles (plan.tiles) for it. Tables are
+//   scaled per 64 columns to ±8191 and sums are kept in int32, so the result is exact up to the
+//   table rounding: about 1e-4 of Σ|x·w|, well inside bf16 rounding.
+// * AVX2 float (one FMA per 8 weights with a 0/1 mask from a byte table): exact fp32.
+// * portable scalar (walks the set bits), and AVX-512 (masked adds driven by 16-bit masks;
+//   opt-in until verified on AVX-512 hardware).
+// decode_rows() expands a band of rows to fp32 for the large-batch path (bands + GEMM).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,7 +31,8 @@
 
 namespace {
 
-enum Isa : int64_t { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3 };
+// AUTO: the fastest path; EXACT: the fastest exact-fp32 path (no table rounding).
+enum Isa : int64_t { AUTO = 0, SCALAR = 1, AVX2 = 2, AVX512 = 3, AVX2_LUT = 4, EXACT = 5 };
 constexpr int MAX_PLANES = 16;
 constexpr int MAX_FAST_PRODUCTS = 8;
 
@@ -32,6 +40,8 @@ struct Plan {
   int64_t N, K, Kpad, W64, P, G, gs, V, NP, NB, gwords;
   bool word_groups;  // every group is whole words (group_size % 64 == 0, or one group per row)
   const uint64_t* planes;  // (P, N, W64)
+  const uint8_t* tiles;    // (P, NT, W64, 128) 16-row nibble tiles, or null
+  int64_t NT;
   const float* colw;       // (V, Kpad)
   const float* coef;       // (NP, N, G)
   const int64_t* rowptr;   // (N + 1) or null
@@ -218,12 +228,138 @@ __attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* 
   }
   return hsum512(out) + row_tail(p, x, sums, r);
 }
+
+// ---------------------------------------------------------------- AVX2 table lookup
+constexpr int LUT_LIMIT = 8191;  // |entry| bound: four entries (one 16-column step) sum inside int16
+constexpr int64_t LUT_WORD_BYTES = 512;  // tables per 64 columns: 4 steps × (lo a, hi a, lo b, hi b)
+
+__attribute__((target("avx2,fma"))) inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// Tables of one activation vector for words [w0, w1). Group g of a word (columns 4g..4g+3) has
+// T_g[n] = Σ_{i<4} bit_i(n)·x[4g+i] for n < 16, rounded to int16 after scaling by
+// LUT_LIMIT / max|T| over the word. Step s of a word covers groups 4s..4s+3 in 128 bytes:
+// [lo bytes of g=4s | of 4s+1], [hi bytes of 4s | 4s+1], then the same for 4s+2 and 4s+3, i.e.
+// the two 16-byte lanes of each vpshufb table serve the two groups one tile byte holds.
+// A non-finite activation makes the word's scale NaN, so the output is NaN as with floats.
+__attribute__((target("avx2,fma"))) void build_tables(const float* x, int64_t w0, int64_t w1, uint8_t* tab,
+                                                      float* scale) {
+  const __m256 b0 = _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1), b1 = _mm256_setr_ps(0, 0, 1, 1, 0, 0, 1, 1),
+               b2 = _mm256_setr_ps(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t w = w0; w < w1; ++w) {
+    __m256 lo[16], hi[16], mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int g = 0; g < 16; ++g) {
+      const float* xg = x + w * 64 + 4 * g;
+      __m256 t = _mm256_mul_ps(b0, _mm256_set1_ps(xg[0]));
+      t = _mm256_fmadd_ps(b1, _mm256_set1_ps(xg[1]), t);
+      lo[g] = _mm256_fmadd_ps(b2, _mm256_set1_ps(xg[2]), t);  // n = 0..7
+      hi[g] = _mm256_add_ps(lo[g], _mm256_set1_ps(xg[3]));     // n = 8..15
+      mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_and_ps(lo[g], abs_mask), _mm256_and_ps(hi[g], abs_mask)));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(hi[g], hi[g], _CMP_UNORD_Q));
+    }
+    const float m = hmax256(mx);
+    const bool finite = !_mm256_movemask_ps(bad) && m < INFINITY;
+    scale[w] = !finite ? NAN : m > 0.f ? m / LUT_LIMIT : 0.f;
+    const __m256 inv = _mm256_set1_ps(finite && m > 0.f ? LUT_LIMIT / m : 0.f);
+    uint8_t* word = tab + w * LUT_WORD_BYTES;
+    for (int g = 0; g < 16; ++g) {
+      const __m256i qa = _mm256_cvtps_epi32(_mm256_mul_ps(lo[g], inv)), qb = _mm256_cvtps_epi32(_mm256_mul_ps(hi[g], inv));
+      // packs interleaves lanes (n 0-3, 8-11 | 4-7, 12-15); the permutes restore n order and then
+      // move the low bytes to the first 16 bytes and the high bytes to the last 16.
+      __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi32(qa, qb), 0xD8);
+      q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, split), 0xD8);
+      uint8_t* dst = word + (g / 4) * 128 + ((g % 4) / 2) * 64 + (g % 2) * 16;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(q));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(q, 1));
+    }
+  }
+}
+
+// One product's 16-row tile nibbles for one word (its planes ANDed), 4 steps of 32 bytes.
+struct TilePlanes {
+  const uint8_t* tiles[MAX_PLANES];
+  int n = 0;
+  void init(const Plan& p, int k, int64_t t) {
+    n = p.nplanes[k];
+    for (int i = 0; i < n; ++i) tiles[i] = p.tiles + (p.plist[k][i] * p.NT + t) * p.W64 * 128;
+  }
+  __attribute__((target("avx2"))) inline __m256i step(int64_t w, int s) const {
+    const int64_t off = w * 128 + 32 * s;
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tiles[0] + off));
+    for (int i = 1; i < n; ++i) v = _mm256_and_si256(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tiles[i] + off)));
+    return v;
+  }
+};
+
+// Sum over one word of 16 rows' table entries, as int32 for rows 0-7 and 8-15.
+__attribute__((target("avx2"))) inline void lookup_word(const TilePlanes& tp, const uint8_t* tab, int64_t w,
+                                                        __m256i& acc0, __m256i& acc1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const uint8_t* tw = tab + w * LUT_WORD_BYTES;
+  for (int s = 0; s < 4; ++s) {
+    const __m256i v = tp.step(w, s);
+    const __m256i i0 = _mm256_and_si256(v, low4), i1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    const __m256i* t = reinterpret_cast<const __m256i*>(tw + 128 * s);
+    const __m256i la = _mm256_shuffle_epi8(_mm256_loadu_si256(t), i0),
+                  ha = _mm256_shuffle_epi8(_mm256_loadu_si256(t + 1), i0),
+                  lb = _mm256_shuffle_epi8(_mm256_loadu_si256(t + 2), i1),
+                  hb = _mm256_shuffle_epi8(_mm256_loadu_si256(t + 3), i1);
+    // int16 per row: lane 0 holds groups 4s and 4s+2, lane 1 groups 4s+1 and 4s+3.
+    __m256i r0 = _mm256_add_epi16(_mm256_unpacklo_epi8(la, ha), _mm256_unpacklo_epi8(lb, hb));  // rows 0-7
+    __m256i r1 = _mm256_add_epi16(_mm256_unpackhi_epi8(la, ha), _mm256_unpackhi_epi8(lb, hb));  // rows 8-15
+    r0 = _mm256_add_epi16(r0, _mm256_permute2x128_si256(r0, r0, 1));
+    r1 = _mm256_add_epi16(r1, _mm256_permute2x128_si256(r1, r1, 1));
+    acc0 = _mm256_add_epi32(acc0, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(r0)));
+    acc1 = _mm256_add_epi32(acc1, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(r1)));
+  }
+}
+
+// Rows 16t .. 16t+15 (those below N) of one batch row's output.
+// tab/scale: per activation variant, (V, W64 * LUT_WORD_BYTES) and (V, W64).
+template <int NB>
+__attribute__((target("avx2,fma"))) void tile_lut(const Plan& p, const float* x, const uint8_t* tab,
+                                                  const float* scale, const float* sums, int64_t t, float* out) {
+  TilePlanes tp[NB];
+  for (int k = 0; k < NB; ++k) tp[k].init(p, k, t);
+  const int64_t r0 = 16 * t, rows = std::min<int64_t>(16, p.N - r0);
+  alignas(32) float y[16] = {0.f}, part[16];
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
+    for (int k = 0; k < NB; ++k) {
+      const uint8_t* tk = tab + p.var[k] * p.W64 * LUT_WORD_BYTES;
+      const float* sk = scale + p.var[k] * p.W64;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (int64_t w = w0; w < w1; ++w) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+        lookup_word(tp[k], tk, w, a0, a1);
+        const __m256 sw = _mm256_set1_ps(sk[w]);
+        s0 = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(a0), s0);
+        s1 = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(a1), s1);
+      }
+      _mm256_store_ps(part, s0);
+      _mm256_store_ps(part + 8, s1);
+      const float* c = p.coef + (k * p.N + r0) * p.G + g;
+      for (int64_t i = 0; i < rows; ++i) y[i] += c[i * p.G] * part[i];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) out[r0 + i] = y[i] + row_tail(p, x, sums, r0 + i);
+}
+
+using TileFn = void (*)(const Plan&, const float*, const uint8_t*, const float*, const float*, int64_t, float*);
+template <int NB, int NACC> struct PickLut { static constexpr TileFn fn = tile_lut<NB>; };
 #endif
 
 using RowFn = float (*)(const Plan&, const float*, const float*, const float*, int64_t);
 
 template <template <int, int> class Pick>
-RowFn pick_by_products(int64_t nb) {
+auto pick_by_products(int64_t nb) -> decltype(Pick<1, 8>::fn) {
   switch (nb) {  // more accumulators when there are few products, to hide add latency
     case 1: return Pick<1, 8>::fn;
     case 2: return Pick<2, 4>::fn;
@@ -250,7 +386,7 @@ bool cpu_has(Isa isa) {
   return isa == SCALAR;
 }
 
-Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
+Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
                const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
                const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval) {
   TORCH_CHECK(planes.dtype() == at::kByte && planes.dim() == 3 && planes.is_contiguous(), "planes: contiguous uint8 (P, N, B)");
@@ -266,6 +402,14 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tenso
   p.word_groups = p.G == 1 || group_size % 64 == 0;
   p.gwords = p.G == 1 ? p.W64 : group_size / 64;
   p.planes = reinterpret_cast<const uint64_t*>(planes.data_ptr<uint8_t>());
+  p.NT = (p.N + 15) / 16;
+  p.tiles = nullptr;
+  if (tiles.numel()) {
+    TORCH_CHECK(tiles.dtype() == at::kByte && tiles.is_contiguous() && tiles.dim() == 4 && tiles.size(0) == p.P &&
+                tiles.size(1) == p.NT && tiles.size(2) == p.W64 && tiles.size(3) == 128,
+                "tiles: contiguous uint8 (P, ceil(N / 16), words, 128)");
+    p.tiles = tiles.data_ptr<uint8_t>();
+  }
   p.colw = colw.data_ptr<float>();
   p.coef = coef.data_ptr<float>();
   p.var.assign(prod_var.data_ptr<int32_t>(), prod_var.data_ptr<int32_t>() + p.NP);
@@ -293,27 +437,34 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& colw, const at::Tenso
   return p;
 }
 
-RowFn choose(const Plan& p, int64_t isa) {
+// The path for a call: a tile function (table lookup) or a row function; neither means scalar.
+struct Path {
+  TileFn tile = nullptr;
+  RowFn row = nullptr;
+};
+
+Path choose(const Plan& p, int64_t isa) {
   // AVX-512 is opt-in (isa=3) until it has run on hardware with AVX-512: the development and CI
-  // machines have none, so `auto` stays on the AVX2 path that the tests exercise.
-  if (isa == AUTO) isa = cpu_has(AVX2) ? AVX2 : SCALAR;
-  TORCH_CHECK(cpu_has((Isa)isa), "this CPU does not support the requested instruction set");
-  if (!p.word_groups || isa == SCALAR) return nullptr;
+  // machines have none, so `auto` stays on the AVX2 paths that the tests exercise.
+  if (isa == AUTO) isa = cpu_has(AVX2) ? (p.tiles ? AVX2_LUT : AVX2) : SCALAR;
+  if (isa == EXACT) isa = cpu_has(AVX2) ? AVX2 : SCALAR;
+  TORCH_CHECK(cpu_has(isa == AVX2_LUT ? AVX2 : (Isa)isa), "this CPU does not support the requested instruction set");
+  TORCH_CHECK(isa != AVX2_LUT || p.tiles, "the table-lookup path needs the plan's tiles");
+  Path path;
+  if (!p.word_groups || isa == SCALAR) return path;
 #ifdef LLMBIN_X86
-  if (isa == AVX512) return pick_by_products<PickAvx512>(p.NB);
-  if (isa == AVX2) return pick_by_products<PickAvx2>(p.NB);
+  if (isa == AVX2_LUT) path.tile = pick_by_products<PickLut>(p.NB);
+  if (isa == AVX512) path.row = pick_by_products<PickAvx512>(p.NB);
+  if (isa == AVX2 || (isa == AVX2_LUT && !path.tile)) path.row = pick_by_products<PickAvx2>(p.NB);
 #endif
-  return nullptr;
+  return path;
 }
 
 // ---------------------------------------------------------------- entry points
-void packed_linear(const at::Tensor& x_in, const at::Tensor& planes, const at::Tensor& colw,
-                         const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit,
-                         const at::Tensor& coef, int64_t K, int64_t group_size, const at::Tensor& rowptr,
-                         const at::Tensor& scol, const at::Tensor& sval, int64_t isa, at::Tensor& out) {
+void run(const Plan& p, const at::Tensor& x_in, int64_t isa, at::Tensor& out) {
+  const int64_t K = p.K, group_size = p.gs;
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.dtype() == at::kFloat && x_in.is_contiguous(),
               "x must be contiguous float32 (B, K)");
-  Plan p = make_plan(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
   const int64_t B = x_in.size(0);
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == B && out.size(1) == p.N,
               "out must be contiguous float32 (B, N)");
@@ -321,20 +472,45 @@ void packed_linear(const at::Tensor& x_in, const at::Tensor& planes, const at::T
   // (plain loops: tensor ops here would cost more than a small layer's product).
   const float* xp = x_in.data_ptr<float>();
   std::vector<float> xv(B * p.V * p.Kpad, 0.f), sums(B * p.V * p.G, 0.f);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t v = 0; v < p.V; ++v) {
-      float* dst = xv.data() + (b * p.V + v) * p.Kpad;
-      const float* cw = p.colw + v * p.Kpad;
-      float* gs = sums.data() + (b * p.V + v) * p.G;
-      for (int64_t c = 0; c < K; ++c) {
-        dst[c] = xp[b * K + c] * cw[c];
-        gs[c / group_size] += dst[c];
+  at::parallel_for(0, B * p.V, std::max<int64_t>(1, (1 << 15) / p.Kpad), [&](int64_t begin, int64_t end) {
+    for (int64_t bv = begin; bv < end; ++bv) {
+      const float* xb = xp + bv / p.V * K;
+      const float* cw = p.colw + bv % p.V * p.Kpad;
+      float* dst = xv.data() + bv * p.Kpad;
+      for (int64_t g = 0; g < p.G; ++g) {  // by group: a division per element costs more than the product
+        float s = 0.f;
+        for (int64_t c = g * group_size, e = std::min(K, c + group_size); c < e; ++c) s += dst[c] = xb[c] * cw[c];
+        sums[bv * p.G + g] = s;
       }
     }
-  const RowFn fn = choose(p, isa);
+  });
+  const Path path = choose(p, isa);
   const float* xvp = xv.data();
   const float* sp = sums.data();
   float* op = out.data_ptr<float>();
+#ifdef LLMBIN_X86
+  if (path.tile) {
+    // Tables for every (batch row, activation variant), then 16-row tiles in parallel.
+    std::vector<uint8_t> tab(B * p.V * p.W64 * LUT_WORD_BYTES);
+    std::vector<float> scale(B * p.V * p.W64);
+    const int64_t chunks = (p.W64 + 7) / 8;
+    at::parallel_for(0, B * p.V * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bv = i / chunks, w0 = i % chunks * 8;
+        build_tables(xvp + bv * p.Kpad, w0, std::min(p.W64, w0 + 8), tab.data() + bv * p.W64 * LUT_WORD_BYTES,
+                     scale.data() + bv * p.W64);
+      }
+    });
+    at::parallel_for(0, p.NT, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t b = 0; b < B; ++b)
+          path.tile(p, xp + b * K, tab.data() + b * p.V * p.W64 * LUT_WORD_BYTES, scale.data() + b * p.V * p.W64,
+                    sp + b * p.V * p.G, t, op + b * p.N);
+    });
+    return;
+  }
+#endif
+  const RowFn fn = path.row;
   at::parallel_for(0, p.N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> partial(fn ? 0 : p.G);
     for (int64_t r = begin; r < end; ++r)
@@ -345,6 +521,13 @@ void packed_linear(const at::Tensor& x_in, const at::Tensor& planes, const at::T
         op[b * p.N + r] = fn ? fn(p, xb, xvb, sb, r) : row_scalar(p, xb, xvb, sb, r, partial);
       }
   });
+}
+
+void packed_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
+                   const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
+                   int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
+                   const at::Tensor& sval, int64_t isa, at::Tensor& out) {
+  run(make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval), x, isa, out);
 }
 
 // One dense fp32 row of Ŵ (Kpad wide; zero past K). Scalar: any group size.
@@ -392,15 +575,15 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const Plan& p, int64_t 
 #endif
 
 // Dense fp32 rows [r0, r1) of Ŵ into out (r1 - r0, Kpad), for the large-batch path.
-void decode_rows(const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
+void decode_rows(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
                  const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K,
                  int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval,
                  int64_t r0, int64_t r1, at::Tensor& out, int64_t isa) {
-  Plan p = make_plan(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
+  Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= p.N, "row range out of bounds");
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == r1 - r0 && out.size(1) == p.Kpad,
               "out must be contiguous float32 (rows, Kpad)");
-  if (isa == AUTO) isa = cpu_has(AVX2) ? AVX2 : SCALAR;  // the AVX2 decoder also serves AVX-512 CPUs
+  if (isa == AUTO || isa == AVX2_LUT || isa == EXACT) isa = cpu_has(AVX2) ? AVX2 : SCALAR;  // one AVX2 decoder serves them all
   TORCH_CHECK(cpu_has((Isa)isa), "this CPU does not support the requested instruction set");
   void (*fn)(const Plan&, int64_t, float*) = decode_row_scalar;
 #ifdef LLMBIN_X86
@@ -418,21 +601,24 @@ void decode_rows(const at::Tensor& planes, const at::Tensor& colw, const at::Ten
 
 // The whole small-batch layer call in one crossing from Python: any leading shape and float
 // dtype in, the same out (per-call Python work would otherwise cost more than a small layer).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& colw, const at::Tensor& prod_var,
-                  const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
-                  const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval, int64_t isa) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
+                  const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
+                  int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
+                  const at::Tensor& sval, int64_t isa) {
+  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must end in K features");
   std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = planes.size(1);
+  sizes.back() = p.N;
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({x2.size(0), planes.size(1)}, x2.options());
-  packed_linear(x2, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, isa, out);
+  at::Tensor out = at::empty({x2.size(0), p.N}, x2.options());
+  run(p, x2, isa, out);
   return out.view(sizes).to(x.scalar_type());
 }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out{"scalar"};
   if (cpu_has(AVX2)) out.push_back("avx2");
+  if (cpu_has(AVX2)) out.push_back("avx2-lut");
   if (cpu_has(AVX512)) out.push_back("avx512");
   return out;
 }

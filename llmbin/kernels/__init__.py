@@ -12,11 +12,12 @@ from .cpu import extension
 from .ops import packed_linear
 from .plan import KernelPlan, build_plan, plan_decode
 
-KERNEL_MODES = ("auto", "reference")
+KERNEL_MODES = ("auto", "exact", "reference")
 
 
 def kernel_mode() -> str:
-    """``LLMBIN_KERNEL``: ``auto`` (fastest available, the default) or ``reference`` (plain torch)."""
+    """``LLMBIN_KERNEL``: ``auto`` (fastest available, the default), ``exact`` (the fastest kernel
+    that is exact in fp32: on CPU the float path, not table lookup) or ``reference`` (plain torch)."""
     mode = os.environ.get("LLMBIN_KERNEL", "auto").strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise LlmbinError(f"LLMBIN_KERNEL={mode!r} is not a kernel mode; use one of: {', '.join(KERNEL_MODES)}")
@@ -30,12 +31,14 @@ def kernel_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def use_kernel(x: torch.Tensor) -> bool:
-    """Whether a layer should run ``x`` through ``packed_linear`` (hot path: kept cheap)."""
-    if os.environ.get("LLMBIN_KERNEL") and kernel_mode() == "reference":
-        return False
-    return extension() is not None if x.is_cpu else x.is_cuda
+def kernel_path(x: torch.Tensor) -> str | None:
+    """How a layer runs ``x`` (hot path: one environment read): ``None`` for the plain-torch
+    reference, else the ``packed_linear`` path, ``auto`` or ``exact``."""
+    mode = kernel_mode() if os.environ.get("LLMBIN_KERNEL") else "auto"
+    if mode == "reference" or not (extension() is not None if x.is_cpu else x.is_cuda):
+        return None
+    return mode
 
 
-__all__ = ["KERNEL_MODES", "KernelPlan", "build_plan", "kernel_available", "kernel_mode", "packed_linear",
-           "plan_decode", "use_kernel"]
+__all__ = ["KERNEL_MODES", "KernelPlan", "build_plan", "kernel_available", "kernel_mode", "kernel_path", "packed_linear",
+           "plan_decode"]

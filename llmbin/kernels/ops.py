@@ -13,33 +13,44 @@ export can trace through it. Implementations:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .cpu import ISAS, extension
 from .plan import KernelPlan, plan_decode
 
-# Bit-product work grows with batch × products; past this the band-decode + GEMM path wins
-# (on the 2-core EPYC the two tie at batch 16 for a one-product layout of 4096 × 4096).
+# Bit-product work grows with batch × products; past these the band-decode + GEMM path wins.
+# On the 2-core EPYC the float path ties with it at batch 16 on 4096 × 4096; table lookup costs
+# about a quarter as much per row and ties with fp32 GEMM near batch 128 on SmolLM2's layers.
 MATVEC_MAX_WORK = 16
+LUT_MAX_WORK = 96
 BAND_BYTES = 4 << 20  # rows decoded per GEMM band: about this many fp32 bytes (stays in cache)
 
 
-def _matvec(batch: int, n_bit: int) -> bool:
+@functools.lru_cache(maxsize=None)
+def _cpu_has_lut() -> bool:
+    ext = extension()
+    return ext is not None and "avx2-lut" in ext.available_isas()
+
+
+def _matvec(batch: int, n_bit: int, isa: int, tiles: Tensor) -> bool:
     """Whether the packed-bit matrix-vector kernel (not band decode + GEMM) serves this batch."""
-    return batch * max(n_bit, 1) <= MATVEC_MAX_WORK
+    lut = isa == ISAS["avx2-lut"] or (isa == ISAS["auto"] and tiles.numel() > 0 and _cpu_has_lut())
+    return batch * max(n_bit, 1) <= (LUT_MAX_WORK if lut else MATVEC_MAX_WORK)
 
 
-def _packed_linear_cpu(x: Tensor, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+def _packed_linear_cpu(x: Tensor, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                       sal_val, isa: int = 0) -> Tensor:
-    args = (planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
+    args = (planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
     ext = extension()
     x = x.float().contiguous()
     if ext is None:
         return x @ plan_decode(KernelPlan.from_op_args(*args)).T
     N = planes.shape[1]
     out = x.new_empty(x.shape[0], N)
-    if _matvec(x.shape[0], n_bit):
+    if _matvec(x.shape[0], n_bit, isa, tiles):
         ext.packed_linear(x, *args, isa, out)
         return out
     band = max(16, BAND_BYTES // (4 * K) // 16 * 16)
@@ -52,24 +63,24 @@ def _packed_linear_cpu(x: Tensor, planes, colw, prod_var, prod_mono, n_bit, coef
 
 
 @torch.library.custom_op("llmbin::packed_linear", mutates_args=(), device_types="cpu")
-def packed_linear_op(x: Tensor, planes: Tensor, colw: Tensor, prod_var: Tensor, prod_mono: Tensor, n_bit: int,
+def packed_linear_op(x: Tensor, planes: Tensor, tiles: Tensor, colw: Tensor, prod_var: Tensor, prod_mono: Tensor, n_bit: int,
                      coef: Tensor, K: int, group_size: int, sal_rowptr: Tensor, sal_col: Tensor, sal_val: Tensor,
                      isa: int = 0) -> Tensor:
     """``x`` (B, K) -> float32 (B, N); the rest is ``KernelPlan.op_args()``. ``isa`` picks the CPU
-    path (0 = the default: AVX2 where the CPU has it)."""
-    return _packed_linear_cpu(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+    path (0 = the default: AVX2 table lookup where the CPU has it; see ``cpu.ISAS``)."""
+    return _packed_linear_cpu(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                               sal_val, isa)
 
 
 @packed_linear_op.register_fake
-def _(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
+def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
     torch._check(x.shape[-1] == K)
     return x.new_empty(x.shape[0], planes.shape[1], dtype=torch.float32)
 
 
 @packed_linear_op.register_kernel("cuda")
-def _(x, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
-    plan = KernelPlan.from_op_args(planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
+    plan = KernelPlan.from_op_args(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                                    sal_val)
     return x.float() @ plan_decode(plan).T
 
@@ -80,7 +91,7 @@ def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
         # Eager CPU calls skip the dispatcher (its Python round trip costs more than a small
         # layer), and small batches go to C++ in one call.
         ext = extension()
-        if ext is not None and _matvec(x.numel() // plan.shape[1], plan.n_bit_products):
+        if ext is not None and _matvec(x.numel() // plan.shape[1], plan.n_bit_products, ISAS[isa], plan.tiles):
             return ext.linear(x, *plan.op_args(), ISAS[isa])
         y = _packed_linear_cpu(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])
     else:

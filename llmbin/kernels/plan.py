@@ -46,6 +46,7 @@ class KernelPlan:
     shape: tuple[int, int]  # (N, K)
     group_size: int  # columns per coefficient group; >= K means one group per row
     planes: torch.Tensor  # uint8 (P, N, row_bytes), the checkpoint's own planes (not copied)
+    tiles: torch.Tensor  # uint8 (P, ceil(N / 16), row_bytes / 8, 128): the same bits for table lookup
     colw: torch.Tensor  # float32 (V, row_bytes * 8), zero past K
     prod_var: torch.Tensor  # int32 (NP,) which colw row each product uses
     prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
@@ -61,19 +62,38 @@ class KernelPlan:
 
     def op_args(self) -> tuple:
         """The plan as the ``llmbin::packed_linear`` operator (and the C++ kernel) take it, after ``x``."""
-        return (self.planes, self.colw, self.prod_var, self.prod_mono, self.n_bit_products, self.coef, self.shape[1],
+        return (self.planes, self.tiles, self.colw, self.prod_var, self.prod_mono, self.n_bit_products, self.coef, self.shape[1],
                 self.group_size, self.sal_rowptr, self.sal_col, self.sal_val)
 
     @classmethod
-    def from_op_args(cls, planes, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
+    def from_op_args(cls, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                      sal_val) -> "KernelPlan":
-        return cls((planes.shape[1], K), group_size, planes, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
+        return cls((planes.shape[1], K), group_size, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
                    sal_col, sal_val)
 
     def nbytes(self) -> int:
         """Memory the plan adds on top of the packed planes."""
         return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
                    if f.name != "planes" and isinstance(getattr(self, f.name), torch.Tensor))
+
+
+def tile_planes(planes: torch.Tensor) -> torch.Tensor:
+    """The planes re-laid out for the CPU table-lookup kernel: 16-row tiles of 4-bit column groups.
+
+    Per plane, tile of rows 16t..16t+15 and 64-column word w, 128 bytes in four 32-byte steps;
+    step s covers column groups j = 4s..4s+3 of the word (columns 4j..4j+3, bit i = column 4j+i).
+    Byte i < 16 of a step holds row 16t+i's nibbles of groups 4s (low) and 4s+2 (high), byte 16+i
+    those of groups 4s+1 and 4s+3: the two 16-byte lanes of a vpshufb use two different tables.
+    Rows past N are zero.
+    """
+    P, N, row_bytes = planes.shape
+    NT, W = -(-N // 16), row_bytes // 8
+    padded = torch.zeros(P, NT * 16, row_bytes, dtype=torch.uint8, device=planes.device)
+    padded[:, :N] = planes
+    nib = torch.stack((padded & 0x0F, padded >> 4), dim=-1)  # (P, rows, bytes, 2): group 2·byte + half
+    nib = nib.view(P, NT, 16, W, 4, 4)  # (P, tile, row, word, step, group in step)
+    lanes = torch.stack((nib[..., 0] | nib[..., 2] << 4, nib[..., 1] | nib[..., 3] << 4), dim=-1)
+    return lanes.permute(0, 1, 3, 4, 5, 2).reshape(P, NT, W, 128).contiguous()
 
 
 def _class_factors(pw: PackedWeight) -> list[tuple[str, Poly]]:
@@ -139,7 +159,7 @@ def build_plan(pw: PackedWeight) -> KernelPlan:
     if colw_rows:
         colw[:, :K] = torch.stack(colw_rows)
     coef = torch.stack([acc[k] for k in keys]) if keys else torch.zeros(0, N, G, device=device)
-    plan = KernelPlan((N, K), pw.group_size, pw.planes, colw,
+    plan = KernelPlan((N, K), pw.group_size, pw.planes, tile_planes(pw.planes), colw,
                       torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
                       torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
                       coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),

@@ -50,10 +50,11 @@ class BinaryLinear(nn.Module):
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
             return F.linear(x, self._dense, bias)
-        if not kernels.use_kernel(x) or (torch.is_grad_enabled() and self._trains_scales()):
+        path = kernels.kernel_path(x)
+        if path is None or (torch.is_grad_enabled() and self._trains_scales()):
             # the kernel has no backward; training scales (distillation) goes through the decode
             return F.linear(x, self.packed().decode(x.dtype), bias)
-        y = kernels.packed_linear(x, self.kernel_plan())
+        y = kernels.packed_linear(x, self.kernel_plan(), path)
         return y if bias is None else y + bias
 
     def _trains_scales(self) -> bool:

@@ -40,11 +40,16 @@ def random_packed(layout: str, N: int, K: int, group_size: int, seed: int = 0) -
                                    pow2_planes=pow2, **extra)
 
 
-def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, pw: PackedWeight) -> None:
-    """Within float32 rounding of the float64 reference, scaled per output by Σ|x|·|w|."""
+# Relative error (of Σ|x|·|w|) of exact fp32 paths, and of the table-lookup path: its int16
+# tables are rounded to 1/8191 of each 64 columns' largest entry.
+FP32_TOL, LUT_TOL = 2e-5, 5e-4
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, pw: PackedWeight, tol: float = FP32_TOL) -> None:
+    """Within ``tol`` of the float64 reference, scaled per output by Σ|x|·|w|."""
     W = pw.decode(torch.float64)
     ref = x.double() @ W.T
     scale = x.double().abs() @ W.abs().T + 1e-12
     assert torch.isfinite(y).all(), "the kernel left outputs unwritten or produced non-finite values"
     err = ((y.double() - ref).abs() / scale).max().item()
-    assert err < 2e-5, f"relative error {err:.2e}"
+    assert err < tol, f"relative error {err:.2e}"

@@ -5,7 +5,7 @@ import torch
 
 from llmbin.kernels.cpu import ISAS, extension
 from llmbin.kernels.plan import build_plan
-from tests.kernels.conftest import LAYOUTS, SHAPES, assert_matches_reference, random_packed
+from tests.kernels.conftest import FP32_TOL, LAYOUTS, LUT_TOL, SHAPES, assert_matches_reference, random_packed
 
 _ext = extension()
 CPU_ISAS = _ext.available_isas() if _ext is not None else ["scalar"]
@@ -21,7 +21,7 @@ def test_matvec_kernel_matches_reference(ext, layout, isa):
             x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
             out = torch.full((batch, N), float("nan"))
             ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
-            assert_matches_reference(out, x, pw)
+            assert_matches_reference(out, x, pw, LUT_TOL if isa == "avx2-lut" else FP32_TOL)
 
 
 @pytest.mark.parametrize("isa", [i for i in CPU_ISAS if i != "avx512"])
@@ -49,11 +49,42 @@ def test_the_best_instruction_set_is_picked_and_missing_ones_are_refused(ext):
                 ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
 
 
+def test_auto_is_table_lookup_and_exact_is_the_float_path(ext):
+    plan = build_plan(random_packed("billm", 40, 200, 64))
+    x = torch.randn(2, 200)
+
+    def run(isa):
+        out = torch.full((2, 40), float("nan"))
+        ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
+        return out
+
+    fast, precise = ("avx2-lut", "avx2") if "avx2" in ext.available_isas() else ("scalar", "scalar")
+    assert torch.equal(run("auto"), run(fast)) and torch.equal(run("exact"), run(precise))
+    if fast != precise:
+        assert not torch.equal(run("auto"), run("exact")), "the table path should round differently"
+
+
+def test_table_lookup_turns_a_non_finite_activation_into_nan_outputs(ext):
+    pw = random_packed("sign+mean", 20, 130, 130)
+    x = torch.randn(1, 130)
+    x[0, 70] = float("nan")
+    out = torch.zeros(1, 20)
+    ext.packed_linear(x, *build_plan(pw).op_args(), ISAS["auto"], out)
+    assert torch.isnan(x.double() @ pw.decode(torch.float64).T).all() and torch.isnan(out).all()
+
+
 def test_bad_arguments_are_refused_not_read_out_of_bounds(ext):
     plan = build_plan(random_packed("sign", 3, 64, 64))
     with pytest.raises(RuntimeError, match="x must be"):
         ext.packed_linear(torch.randn(1, 63), *plan.op_args(), 0, torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="out must be"):
         ext.packed_linear(torch.randn(1, 64), *plan.op_args(), 0, torch.empty(1, 4))
+    with pytest.raises(RuntimeError, match="tiles"):
+        ext.packed_linear(torch.randn(1, 64), plan.planes, plan.tiles[..., :64].contiguous(), *plan.op_args()[2:],
+                          0, torch.empty(1, 3))
+    if "avx2-lut" in ext.available_isas():
+        with pytest.raises(RuntimeError, match="needs the plan's tiles"):
+            ext.packed_linear(torch.randn(1, 64), plan.planes, plan.tiles[:0], *plan.op_args()[2:],
+                              ISAS["avx2-lut"], torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="row range"):
         ext.decode_rows(*plan.op_args(), 2, 5, torch.empty(3, 64), 0)

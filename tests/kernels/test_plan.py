@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llmbin.kernels.plan import build_plan, plan_decode
+from llmbin.kernels.plan import build_plan, plan_decode, tile_planes
 from llmbin.registry import available_methods, make_config, method_function
 from tests.kernels.conftest import LAYOUTS, SHAPES, random_packed
 
@@ -25,6 +25,33 @@ def test_every_method_lowers_exactly(method):
     pw = method_function(config)(W, H, config)
     torch.testing.assert_close(plan_decode(build_plan(pw), torch.float64), pw.decode(torch.float64),
                                rtol=0, atol=1e-6)
+
+
+def _untile(tiles: torch.Tensor, N: int) -> torch.Tensor:
+    """Bits (P, N, 64 · words) read back from the tile layout ``tile_planes`` documents."""
+    P, NT, W, _ = tiles.shape
+    steps = tiles.view(P, NT, W, 4, 2, 16).long()  # (plane, tile, word, step, lane, row)
+    bits = torch.zeros(P, NT * 16, W * 64, dtype=torch.bool)
+    for s in range(4):
+        for lane in range(2):
+            for half in range(2):  # low nibble: group 4s + lane, high nibble: group 4s + 2 + lane
+                nib = (steps[:, :, :, s, lane] >> (4 * half)) & 0xF  # (plane, tile, word, row)
+                group = 4 * s + lane + 2 * half
+                for i in range(4):
+                    col = torch.arange(W) * 64 + 4 * group + i
+                    bits[:, :, col] = ((nib >> i) & 1).bool().permute(0, 1, 3, 2).reshape(P, NT * 16, W)
+    return bits[:, :N]
+
+
+@pytest.mark.parametrize("N, K", [(1, 63), (3, 65), (17, 130), (40, 256)])
+def test_tiles_hold_exactly_the_planes_bits(N, K):
+    from llmbin.packing.bitpack import unpack_bits
+
+    pw = random_packed("billm", N, K, 64)
+    tiles = tile_planes(pw.planes)
+    assert tiles.shape == (2, -(-N // 16), pw.planes.shape[-1] // 8, 128)
+    assert torch.equal(_untile(tiles, N)[..., :K], unpack_bits(pw.planes, K).bool())
+    assert not _untile(tiles, N)[..., K:].any()
 
 
 def test_products_expand_signs_and_classes_into_plane_monomials():
