@@ -353,6 +353,7 @@ __attribute__((target("avx2,fma"))) void tile_lut(const Plan& p, const float* x,
 }
 
 using TileFn = void (*)(const Plan&, const float*, const uint8_t*, const float*, const float*, int64_t, float*);
+// NACC only fits pick_by_products: a tile keeps its own two accumulators per product.
 template <int NB, int NACC> struct PickLut { static constexpr TileFn fn = tile_lut<NB>; };
 #endif
 
