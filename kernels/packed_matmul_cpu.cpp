@@ -2,7 +2,8 @@
 //
 // Ŵ is a sum of bit products: y[b, r] = Σ_k Σ_g coef[k, r, g] · Σ_{c∈g} xv[var_k, c] · bits_k[r, c]
 // plus constant products (row-independent group sums) and a CSR list of salient corrections
-// (salient weight minus the formula there, in fp32).
+// (salient weight minus the formula there): fp32 deltas, or, in PB-LLM's layout, uint8
+// magnitudes with a (scale, base) per row and bit (3 bytes per salient weight, not 6).
 // Bits are read as little-endian uint64 words (bit i of word w is column 64·w + i), the
 // checkpoint's own layout, so planes are used in place.
 //
@@ -46,7 +47,9 @@ struct Plan {
   const float* coef;       // (NP, N, G)
   const int64_t* rowptr;   // (N + 1) or null
   const void* scol;        // int16 or int32 (S)
-  const float* sval;       // (S)
+  const float* sval;       // (S) fp32 deltas, or null for codes
+  const uint8_t* scode;    // (S) magnitudes (codes form), or null
+  const float* srow;       // (N, 4) codes form: (scale, base) of each row's b = 1 part, then b = 0 part
   float (*salient_sum)(const struct Plan&, const float*, int64_t);
   void (*salient_write)(const struct Plan&, int64_t, float*);
   int nplanes[MAX_FAST_PRODUCTS];  // plane lists of the bit products the SIMD paths serve
@@ -107,6 +110,43 @@ template <typename C>
 void salient_write(const Plan& p, int64_t r, float* row) {
   const C* col = static_cast<const C*>(p.scol);
   for (int64_t e = p.rowptr[r]; e < p.rowptr[r + 1]; ++e) row[col[e]] += p.sval[e];
+}
+
+// Codes form: per part (b = 1, then b = 0) delta = scale · m + base, so the part adds
+// scale · Σ m·x + base · Σ x.
+template <typename C>
+float salient_sum_codes(const Plan& p, const float* x, int64_t r) {
+  const C* col = static_cast<const C*>(p.scol);
+  const float* rc = p.srow + 4 * r;
+  float total = 0.f;
+  for (int part = 0; part < 2; ++part) {
+    float a[2] = {0.f, 0.f}, t[2] = {0.f, 0.f};  // two chains each
+    int64_t e = p.rowptr[2 * r + part];
+    const int64_t end = p.rowptr[2 * r + part + 1];
+    for (; e + 2 <= end; e += 2)
+      for (int i = 0; i < 2; ++i) {
+        const float xe = x[col[e + i]];
+        a[i] += (float)p.scode[e + i] * xe;
+        t[i] += xe;
+      }
+    if (e < end) {
+      const float xe = x[col[e]];
+      a[0] += (float)p.scode[e] * xe;
+      t[0] += xe;
+    }
+    total += rc[2 * part] * (a[0] + a[1]) + rc[2 * part + 1] * (t[0] + t[1]);
+  }
+  return total;
+}
+
+template <typename C>
+void salient_write_codes(const Plan& p, int64_t r, float* row) {
+  const C* col = static_cast<const C*>(p.scol);
+  for (int part = 0; part < 2; ++part) {
+    const float scale = p.srow[4 * r + 2 * part], base = p.srow[4 * r + 2 * part + 1];
+    for (int64_t e = p.rowptr[2 * r + part]; e < p.rowptr[2 * r + part + 1]; ++e)
+      row[col[e]] += scale * (float)p.scode[e] + base;
+  }
 }
 
 // Row-independent part of one row: constant products and salient corrections.
@@ -389,7 +429,7 @@ bool cpu_has(Isa isa) {
 
 Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
                const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
-               const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval) {
+               const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval, const at::Tensor& srow) {
   TORCH_CHECK(planes.dtype() == at::kByte && planes.dim() == 3 && planes.is_contiguous(), "planes: contiguous uint8 (P, N, B)");
   TORCH_CHECK(planes.size(2) % 8 == 0, "planes rows must be whole 64-bit words");
   TORCH_CHECK(colw.dtype() == at::kFloat && colw.is_contiguous() && colw.size(1) == planes.size(2) * 8, "colw: float32 (V, Kpad)");
@@ -421,19 +461,35 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tens
       if (p.mono[k] >> q & 1) p.plist[k][p.nplanes[k]++] = q;
   }
   p.rowptr = nullptr;
+  p.sval = nullptr;
+  p.scode = nullptr;
+  p.srow = nullptr;
   if (rowptr.numel()) {
-    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.numel() == p.N + 1, "sal_rowptr: int64 (N + 1)");
-    const bool c16 = scol.dtype() == at::kShort;
-    TORCH_CHECK((c16 || scol.dtype() == at::kInt) && sval.dtype() == at::kFloat, "sal_col int16/32, sal_val float32");
+    const bool codes = srow.numel() > 0, c16 = scol.dtype() == at::kShort;
+    const int64_t lists = codes ? 2 * p.N : p.N;
+    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.is_contiguous() && rowptr.numel() == lists + 1,
+                codes ? "sal_rowptr: int64 (2N + 1) with codes" : "sal_rowptr: int64 (N + 1)");
+    TORCH_CHECK((c16 || scol.dtype() == at::kInt) && scol.is_contiguous(), "sal_col: contiguous int16 or int32");
+    TORCH_CHECK(sval.is_contiguous() && sval.dtype() == (codes ? at::kByte : at::kFloat),
+                codes ? "sal_val: uint8 magnitudes with sal_row" : "sal_val: float32 deltas");
+    TORCH_CHECK(!codes || (srow.dtype() == at::kFloat && srow.is_contiguous() && srow.dim() == 2 && srow.size(0) == p.N &&
+                           srow.size(1) == 4), "sal_row: contiguous float32 (N, 4)");
     // Columns are trusted (build_plan takes them from validated positions): a per-call scan
     // would cost as much as the product itself.
     p.rowptr = rowptr.data_ptr<int64_t>();
-    TORCH_CHECK(p.rowptr[0] == 0 && scol.numel() == p.rowptr[p.N] && sval.numel() == p.rowptr[p.N],
+    TORCH_CHECK(p.rowptr[0] == 0 && scol.numel() == p.rowptr[lists] && sval.numel() == p.rowptr[lists],
                 "salient lists do not match sal_rowptr");
     p.scol = scol.data_ptr();
-    p.sval = sval.data_ptr<float>();
-    p.salient_sum = c16 ? salient_sum<int16_t> : salient_sum<int32_t>;
-    p.salient_write = c16 ? salient_write<int16_t> : salient_write<int32_t>;
+    if (codes) {
+      p.scode = sval.data_ptr<uint8_t>();
+      p.srow = srow.data_ptr<float>();
+      p.salient_sum = c16 ? salient_sum_codes<int16_t> : salient_sum_codes<int32_t>;
+      p.salient_write = c16 ? salient_write_codes<int16_t> : salient_write_codes<int32_t>;
+    } else {
+      p.sval = sval.data_ptr<float>();
+      p.salient_sum = c16 ? salient_sum<int16_t> : salient_sum<int32_t>;
+      p.salient_write = c16 ? salient_write<int16_t> : salient_write<int32_t>;
+    }
   }
   return p;
 }
@@ -462,16 +518,11 @@ Path choose(const Plan& p, int64_t isa) {
 }
 
 // ---------------------------------------------------------------- entry points
-void run(const Plan& p, const at::Tensor& x_in, int64_t isa, at::Tensor& out) {
+// out (B, N) = x (B, K) @ Ŵᵀ, both contiguous float32. Called per layer per token, so the setup
+// stays in plain loops (a tensor op costs about a microsecond) and small work stays on one thread.
+void run(const Plan& p, const float* xp, int64_t B, int64_t isa, float* op) {
   const int64_t K = p.K, group_size = p.gs;
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && x_in.dtype() == at::kFloat && x_in.is_contiguous(),
-              "x must be contiguous float32 (B, K)");
-  const int64_t B = x_in.size(0);
-  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == B && out.size(1) == p.N,
-              "out must be contiguous float32 (B, N)");
-  // Activations times each column weight, zero-padded to whole words, and their group sums
-  // (plain loops: tensor ops here would cost more than a small layer's product).
-  const float* xp = x_in.data_ptr<float>();
+  // Activations times each column weight, zero-padded to whole words, and their group sums.
   std::vector<float> xv(B * p.V * p.Kpad, 0.f), sums(B * p.V * p.G, 0.f);
   at::parallel_for(0, B * p.V, std::max<int64_t>(1, (1 << 15) / p.Kpad), [&](int64_t begin, int64_t end) {
     for (int64_t bv = begin; bv < end; ++bv) {
@@ -488,14 +539,14 @@ void run(const Plan& p, const at::Tensor& x_in, int64_t isa, at::Tensor& out) {
   const Path path = choose(p, isa);
   const float* xvp = xv.data();
   const float* sp = sums.data();
-  float* op = out.data_ptr<float>();
 #ifdef LLMBIN_X86
   if (path.tile) {
     // Tables for every (batch row, activation variant), then 16-row tiles in parallel.
     std::vector<uint8_t> tab(B * p.V * p.W64 * LUT_WORD_BYTES);
     std::vector<float> scale(B * p.V * p.W64);
     const int64_t chunks = (p.W64 + 7) / 8;
-    at::parallel_for(0, B * p.V * chunks, 1, [&](int64_t begin, int64_t end) {
+    // A chunk's tables take well under a microsecond: threads only pay off for many of them.
+    at::parallel_for(0, B * p.V * chunks, 8, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bv = i / chunks, w0 = i % chunks * 8;
         build_tables(xvp + bv * p.Kpad, w0, std::min(p.W64, w0 + 8), tab.data() + bv * p.W64 * LUT_WORD_BYTES,
@@ -527,8 +578,13 @@ void run(const Plan& p, const at::Tensor& x_in, int64_t isa, at::Tensor& out) {
 void packed_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
                    const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
                    int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
-                   const at::Tensor& sval, int64_t isa, at::Tensor& out) {
-  run(make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval), x, isa, out);
+                   const at::Tensor& sval, const at::Tensor& srow, int64_t isa, at::Tensor& out) {
+  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, srow);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.dtype() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous float32 (B, K)");
+  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == p.N,
+              "out must be contiguous float32 (B, N)");
+  run(p, x.data_ptr<float>(), x.size(0), isa, out.data_ptr<float>());
 }
 
 // One dense fp32 row of Ŵ (Kpad wide; zero past K). Scalar: any group size.
@@ -579,8 +635,8 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const Plan& p, int64_t 
 void decode_rows(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
                  const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K,
                  int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval,
-                 int64_t r0, int64_t r1, at::Tensor& out, int64_t isa) {
-  Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
+                 const at::Tensor& srow, int64_t r0, int64_t r1, at::Tensor& out, int64_t isa) {
+  Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, srow);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= p.N, "row range out of bounds");
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == r1 - r0 && out.size(1) == p.Kpad,
               "out must be contiguous float32 (rows, Kpad)");
@@ -605,14 +661,20 @@ void decode_rows(const at::Tensor& planes, const at::Tensor& tiles, const at::Te
 at::Tensor linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
                   const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
                   int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
-                  const at::Tensor& sval, int64_t isa) {
-  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval);
+                  const at::Tensor& sval, const at::Tensor& srow, int64_t isa) {
+  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval,
+                           srow);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must end in K features");
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = p.N;
+  if (x.dtype() == at::kFloat && x.is_contiguous()) {  // the usual case: no tensor ops but the output
+    at::Tensor out = at::empty(sizes, x.options());
+    run(p, x.data_ptr<float>(), x.numel() / K, isa, out.data_ptr<float>());
+    return out;
+  }
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x2.size(0), p.N}, x2.options());
-  run(p, x2, isa, out);
+  run(p, x2.data_ptr<float>(), x2.size(0), isa, out.data_ptr<float>());
   return out.view(sizes).to(x.scalar_type());
 }
 
@@ -626,9 +688,13 @@ std::vector<std::string> available_isas() {
 
 }  // namespace
 
+void half_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool simd);  // half_matvec_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for any leading shape and float dtype (small batches)");
   m.def("packed_linear", &packed_linear, "out (B, N) = x @ W^T for a packed-bit plan (fp32)");
   m.def("decode_rows", &decode_rows, "out (rows, Kpad) = dense fp32 rows [r0, r1) of a packed-bit plan");
   m.def("available_isas", &available_isas, "instruction sets this CPU can run");
+  m.def("half_linear", &half_linear, "out (B, N) = x (B, K) fp32 @ w (N, K) bf16/fp16, widened exactly",
+        py::arg("x"), py::arg("w"), py::arg("out"), py::arg("simd") = true);
 }

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from .errors import LlmbinError
 from .models import set_submodule
 from .nn.binary_linear import BinaryLinear
+from .nn.half_weights import serve_half_weights
 from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
 
 FORMAT_NAME = "llmbin-packed"
@@ -143,6 +144,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     for module in modules.values():
         if module.bias is not None:
             module.bias.data = module.bias.data.to(dtype)
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        serve_half_weights(model, STORAGE_DTYPE)  # the fp16 lm_head, widened in the kernel: exact, half the bytes
     return model.to(device).eval()
 
 

@@ -7,11 +7,12 @@ import torch
 
 from . import __version__
 from .bits import bit_report
-from .checkpoint import round_to_storage
+from .checkpoint import STORAGE_DTYPE, round_to_storage
 from .config import QuantConfig
 from .distill import deviation_aware_distill
 from .driver import quantize_blocks
 from .errors import LlmbinError
+from .nn.half_weights import serve_half_weights
 from .packing.packed_weight import FORMAT_VERSION
 from .resume import BlockStore
 
@@ -33,7 +34,7 @@ def quantize(
     Methods that ask for it (``db-llm --distill``) then distill the scales and norms against a
     copy of the float model taken before quantization. Afterwards the remaining float tensors
     are rounded to the checkpoint's fp16, so the returned model computes exactly what its
-    saved checkpoint will.
+    saved checkpoint will (and, like a loaded one, serves its fp32 lm_head from those fp16 values).
     """
     config.validate()
     if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.dtype != torch.long:
@@ -52,6 +53,7 @@ def quantize(
         del teacher
         distill_report = {"distill_loss_first": losses[0], "distill_loss_last": losses[-1]}
     round_to_storage(model)
+    serve_half_weights(model, STORAGE_DTYPE)  # as load() does, so the two compute alike
     model.config.quantization_config = {
         "quant_method": "llmbin",
         "format_version": FORMAT_VERSION,

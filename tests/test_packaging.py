@@ -12,5 +12,7 @@ def test_every_package_is_listed_and_the_kernel_source_ships():
     listed = set(tool["packages"])
     assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
     source_dir = ROOT / tool["package-dir"]["llmbin.kernels.csrc"]
-    assert (source_dir / "packed_matmul_cpu.cpp").exists()
+    from llmbin.kernels.cpu import SOURCES
+
+    assert all(source.parent == source_dir and source.suffix == ".cpp" for source in SOURCES)
     assert tool["package-data"]["llmbin.kernels.csrc"] == ["*.cpp"]

@@ -18,10 +18,10 @@ try:
 except ImportError:  # Windows: no advisory locks; builds there are not guarded against each other
     fcntl = None
 
-_NAME = "packed_matmul_cpu.cpp"
-# A wheel ships it as llmbin/kernels/csrc/; a source checkout keeps it in the top-level kernels/.
-SOURCE = next((p for p in (Path(__file__).with_name("csrc") / _NAME, Path(__file__).parents[2] / "kernels" / _NAME)
-               if p.exists()), Path(__file__).parents[2] / "kernels" / _NAME)
+# A wheel ships them as llmbin/kernels/csrc/; a source checkout keeps them in the top-level kernels/.
+SOURCE_DIR = next((d for d in (Path(__file__).with_name("csrc"), Path(__file__).parents[2] / "kernels")
+                   if (d / "packed_matmul_cpu.cpp").exists()), Path(__file__).parents[2] / "kernels")
+SOURCES = [SOURCE_DIR / "packed_matmul_cpu.cpp", SOURCE_DIR / "half_matvec_cpu.cpp"]  # the first defines the module
 # "auto": the fastest path (AVX2 table lookup: ~1e-4 of Σ|x·w| from table rounding);
 # "exact": the fastest exact-fp32 path (AVX2 float, else scalar).
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx2-lut": 4, "exact": 5}
@@ -34,7 +34,7 @@ def build_directory() -> Path:
 
     root = os.environ.get("LLMBIN_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                          "llmbin", "kernels")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
     return Path(root) / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
 
 
@@ -61,7 +61,7 @@ def extension():
 
         directory = build_directory()
         with build_lock(directory):
-            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(SOURCE)], build_directory=str(directory),
+            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in SOURCES], build_directory=str(directory),
                                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                       verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
     except Exception as exc:  # noqa: BLE001 (any build failure means: use the reference path)

@@ -42,8 +42,8 @@ def _matvec(batch: int, n_bit: int, isa: int, tiles: Tensor) -> bool:
 
 
 def _packed_linear_cpu(x: Tensor, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
-                      sal_val, isa: int = 0) -> Tensor:
-    args = (planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val)
+                      sal_val, sal_row, isa: int = 0) -> Tensor:
+    args = (planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, sal_row)
     ext = extension()
     x = x.float().contiguous()
     if ext is None:
@@ -65,23 +65,23 @@ def _packed_linear_cpu(x: Tensor, planes, tiles, colw, prod_var, prod_mono, n_bi
 @torch.library.custom_op("llmbin::packed_linear", mutates_args=(), device_types="cpu")
 def packed_linear_op(x: Tensor, planes: Tensor, tiles: Tensor, colw: Tensor, prod_var: Tensor, prod_mono: Tensor, n_bit: int,
                      coef: Tensor, K: int, group_size: int, sal_rowptr: Tensor, sal_col: Tensor, sal_val: Tensor,
-                     isa: int = 0) -> Tensor:
+                     sal_row: Tensor, isa: int = 0) -> Tensor:
     """``x`` (B, K) -> float32 (B, N); the rest is ``KernelPlan.op_args()``. ``isa`` picks the CPU
     path (0 = the default: AVX2 table lookup where the CPU has it; see ``cpu.ISAS``)."""
     return _packed_linear_cpu(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
-                              sal_val, isa)
+                              sal_val, sal_row, isa)
 
 
 @packed_linear_op.register_fake
-def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
+def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, sal_row, isa=0):
     torch._check(x.shape[-1] == K)
     return x.new_empty(x.shape[0], planes.shape[1], dtype=torch.float32)
 
 
 @packed_linear_op.register_kernel("cuda")
-def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, isa=0):
+def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, sal_row, isa=0):
     plan = KernelPlan.from_op_args(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
-                                   sal_val)
+                                   sal_val, sal_row)
     return x.float() @ plan_decode(plan).T
 
 

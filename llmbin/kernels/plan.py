@@ -11,10 +11,12 @@ DB-LLM's two planes, GPTQ's power-of-two planes) is a polynomial in the sign bit
 * ``colw`` holds per-column activation weights: the column mask (class C−1 against the rest)
   and ARB-RC's per-column scales fold into the activations, not the bits.
 * Signs expand as ``2b − 1`` and class indicators as ``b_q`` or ``1 − b_q``, with ``b·b = b``.
-* Salient weights (PB-LLM) replace the formula: a CSR list per row holds each one's column and
-  ``delta = salient − formula`` in float32, so the dense bit products stay branch-free and a
-  salient weight costs one multiply-add. (Keeping the int8 value instead and evaluating the
-  formula per salient weight saves 3 bytes each but made SmolLM2 decode several times slower.)
+* Salient weights (PB-LLM) replace the formula: a CSR list per row adds ``delta = salient −
+  formula`` at each one's column, so the dense bit products stay branch-free. In PB-LLM's own
+  layout (one plane, one group per row, no column weights) the formula at a salient position
+  depends only on the row and its bit b, which is also the salient sign, so each row's list is
+  split by b and an entry is its column and its uint8 magnitude m (3 bytes, not 6):
+  ``delta = scale_b[r] · m + base_b[r]``. Other layouts keep ``delta`` in float32.
 
 The kernels (C++ and Triton) evaluate exactly this; :func:`plan_decode` is its dense form, used
 to check a plan against ``PackedWeight.decode``.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing.bitpack import unpack_bits
+from ..packing.bitpack import unpack_bits, unpack_codes
 from ..packing.packed_weight import PackedWeight
 from ..packing.positions import decode_positions
 
@@ -52,9 +54,14 @@ class KernelPlan:
     prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
     n_bit_products: int  # products with a non-empty plane set
     coef: torch.Tensor  # float32 (NP, N, G)
-    sal_rowptr: torch.Tensor  # int64 (N + 1,) CSR over rows; empty when there is no salient part
+    # Salient corrections (all empty when there is no salient part), in one of two forms:
+    # deltas: sal_rowptr (N + 1,) CSR over rows, sal_val float32 deltas, sal_row empty;
+    # codes: sal_rowptr (2N + 1,): row r's b = 1 entries, then its b = 0 entries; sal_val uint8
+    # magnitudes; sal_row float32 (N, 4): (scale, base) of the b = 1 part, then of the b = 0 part.
+    sal_rowptr: torch.Tensor  # int64
     sal_col: torch.Tensor  # int16 (S,), or int32 when K > 32767
-    sal_val: torch.Tensor  # float32 (S,) salient weight minus the formula there
+    sal_val: torch.Tensor  # float32 or uint8 (S,)
+    sal_row: torch.Tensor  # float32 (N, 4) or empty
 
     @property
     def num_groups(self) -> int:
@@ -63,13 +70,13 @@ class KernelPlan:
     def op_args(self) -> tuple:
         """The plan as the ``llmbin::packed_linear`` operator (and the C++ kernel) take it, after ``x``."""
         return (self.planes, self.tiles, self.colw, self.prod_var, self.prod_mono, self.n_bit_products, self.coef, self.shape[1],
-                self.group_size, self.sal_rowptr, self.sal_col, self.sal_val)
+                self.group_size, self.sal_rowptr, self.sal_col, self.sal_val, self.sal_row)
 
     @classmethod
     def from_op_args(cls, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
-                     sal_val) -> "KernelPlan":
+                     sal_val, sal_row) -> "KernelPlan":
         return cls((planes.shape[1], K), group_size, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
-                   sal_col, sal_val)
+                   sal_col, sal_val, sal_row)
 
     def nbytes(self) -> int:
         """Memory the plan adds on top of the packed planes."""
@@ -163,7 +170,8 @@ def build_plan(pw: PackedWeight) -> KernelPlan:
                       torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
                       torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
                       coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),
-                      torch.zeros(0, dtype=torch.int16, device=device), torch.zeros(0, device=device))
+                      torch.zeros(0, dtype=torch.int16, device=device), torch.zeros(0, device=device),
+                      torch.zeros(0, 4, device=device))
     if pw.salient is not None:
         plan = _with_salient(plan, pw)
     return plan
@@ -173,12 +181,34 @@ def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
     N, K = pw.shape
     s = pw.salient
     pos = decode_positions(s.encoding, s.positions, (N, K))  # row-major order, so already CSR-sorted
+    rows, cols = pos // K, pos % K
+    col_dtype = torch.int16 if K <= 32767 else torch.int32
+    if _salient_codes_fit(plan, pw):
+        bit = unpack_bits(plan.planes[0], K).view(-1)[pos].long()  # the salient sign, and the formula's bit
+        order = torch.argsort(2 * rows + 1 - bit, stable=True)  # per row: b = 1 entries, then b = 0
+        rowptr = torch.zeros(2 * N + 1, dtype=torch.int64, device=pos.device)
+        rowptr[1:] = torch.bincount(2 * rows + 1 - bit, minlength=2 * N).cumsum(0)
+        # formula(b) = slope · b + offset; the salient weight is (2b − 1) · m · scale
+        slope = plan.coef[: plan.n_bit_products, :, 0].sum(0)
+        offset = plan.coef[plan.n_bit_products:, :, 0].sum(0)
+        scale = s.scale.float()
+        sal_row = torch.stack((scale, -(slope + offset), -scale, -offset), dim=1)
+        mags = unpack_codes(s.magnitudes, s.count).to(torch.uint8)
+        return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=cols[order].to(col_dtype), sal_val=mags[order],
+                                   sal_row=sal_row.contiguous())
     exact = pw.decode(torch.float32).view(-1)[pos]
     formula = plan_decode(plan).view(-1)[pos]  # the plan has no salient part yet
     rowptr = torch.zeros(N + 1, dtype=torch.int64, device=pos.device)
-    rowptr[1:] = torch.bincount(pos // K, minlength=N).cumsum(0)
-    return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=(pos % K).to(torch.int16 if K <= 32767 else torch.int32),
-                               sal_val=exact - formula)
+    rowptr[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+    return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=cols.to(col_dtype), sal_val=exact - formula)
+
+
+def _salient_codes_fit(plan: KernelPlan, pw: PackedWeight) -> bool:
+    """Whether the formula at a salient position is a function of its row and plane-0 bit only
+    (PB-LLM's layout), and magnitudes fit a byte."""
+    N, K = plan.shape
+    return (plan.planes.shape[0] == 1 and plan.num_groups == 1 and pw.salient.bits <= 9
+            and bool((plan.colw[:, :K] == 1).all()))
 
 
 def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -194,7 +224,11 @@ def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.T
                 prod = prod * bits[p]
         coef = plan.coef[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
         W = W + coef * plan.colw[var, :K].to(dtype) * prod
-    if plan.sal_rowptr.numel():
+    if plan.sal_row.numel():  # codes: 2N segments, (scale, base) each
+        seg = torch.repeat_interleave(torch.arange(2 * N, device=W.device), plan.sal_rowptr.diff())
+        scale_base = plan.sal_row.to(dtype).view(2 * N, 2)[seg]
+        W[seg // 2, plan.sal_col.long()] += scale_base[:, 0] * plan.sal_val.to(dtype) + scale_base[:, 1]
+    elif plan.sal_rowptr.numel():
         rows = torch.repeat_interleave(torch.arange(N, device=W.device), plan.sal_rowptr.diff())
         W[rows, plan.sal_col.long()] += plan.sal_val.to(dtype)
     return W

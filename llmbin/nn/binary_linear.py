@@ -1,12 +1,16 @@
 """``BinaryLinear``: a linear layer that holds its weight packed, as the checkpoint stores it."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from ..packing.packed_weight import PackedWeight
+
+_VERSION = operator.attrgetter("_version")
 
 
 class BinaryLinear(nn.Module):
@@ -39,23 +43,24 @@ class BinaryLinear(nn.Module):
     def kernel_plan(self) -> kernels.KernelPlan:
         """The kernel's lowering of this layer, built once and rebuilt only if a buffer changes
         (moved to another device, or loaded into in place)."""
-        key = tuple((id(b), b._version) for b in self._buffers.values())
+        buffers = self._buffers.values()  # C-level maps: this runs on every call
+        key = (tuple(map(id, buffers)), tuple(map(_VERSION, buffers)))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, kernels.build_plan(self.packed()))
         return self._plan[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        path = None if self.dense_cache else kernels.kernel_path(x)
+        if path is not None and not (torch.is_grad_enabled() and self._trains_scales()):
+            y = kernels.packed_linear(x, self.kernel_plan(), path)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.dense_cache:
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
             return F.linear(x, self._dense, bias)
-        path = kernels.kernel_path(x)
-        if path is None or (torch.is_grad_enabled() and self._trains_scales()):
-            # the kernel has no backward; training scales (distillation) goes through the decode
-            return F.linear(x, self.packed().decode(x.dtype), bias)
-        y = kernels.packed_linear(x, self.kernel_plan(), path)
-        return y if bias is None else y + bias
+        # the reference path; also training scales (distillation): the kernel has no backward
+        return F.linear(x, self.packed().decode(x.dtype), bias)
 
     def _trains_scales(self) -> bool:
         return any(b.requires_grad for b in self._buffers.values())

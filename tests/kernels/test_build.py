@@ -10,12 +10,17 @@ from llmbin.kernels import cpu
 def test_the_cache_directory_follows_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBIN_KERNEL_CACHE", str(tmp_path))
     first = cpu.build_directory()
-    edited = tmp_path / cpu._NAME
-    edited.write_bytes(cpu.SOURCE.read_bytes() + b"\n// edited\n")
-    monkeypatch.setattr(cpu, "SOURCE", edited)
-    second = cpu.build_directory()
-    assert first.parent == second.parent == tmp_path
-    assert first != second, "an edited kernel source must not load the old binary"
+    seen = {first}
+    for i, source in enumerate(cpu.SOURCES):  # an edit to any source file
+        edited = tmp_path / f"edited-{source.name}"
+        edited.write_bytes(source.read_bytes() + b"\n// edited\n")
+        monkeypatch.setattr(cpu, "SOURCES", [edited if j == i else s for j, s in enumerate(cpu.SOURCES)])
+        again = cpu.build_directory()
+        assert again.parent == tmp_path
+        assert again not in seen, f"an edited {source.name} must not load the old binary"
+        seen.add(again)
+        monkeypatch.undo()
+        monkeypatch.setenv("LLMBIN_KERNEL_CACHE", str(tmp_path))
 
 
 def test_a_build_killed_halfway_does_not_block_the_next_process(ext, tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from llmbin.kernels.plan import build_plan, plan_decode, tile_planes
+from llmbin.packing.bitpack import unpack_bits
 from llmbin.registry import available_methods, make_config, method_function
 from tests.kernels.conftest import LAYOUTS, SHAPES, random_packed
 
@@ -45,8 +46,6 @@ def _untile(tiles: torch.Tensor, N: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("N, K", [(1, 63), (3, 65), (17, 130), (40, 256)])
 def test_tiles_hold_exactly_the_planes_bits(N, K):
-    from llmbin.packing.bitpack import unpack_bits
-
     pw = random_packed("billm", N, K, 64)
     tiles = tile_planes(pw.planes)
     assert tiles.shape == (2, -(-N // 16), pw.planes.shape[-1] // 8, 128)
@@ -63,13 +62,29 @@ def test_products_expand_signs_and_classes_into_plane_monomials():
     assert sorted(set(billm.prod_mono.tolist())) == [0, 1, 2, 3] and billm.colw.shape[0] == 2
 
 
-def test_salient_corrections_sit_at_the_salient_positions():
-    pw = random_packed("pb-llm", 5, 100, 100)
+def _salient_rows(plan) -> torch.Tensor:
+    lists = plan.sal_rowptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(lists), plan.sal_rowptr.diff())
+    return rows // 2 if plan.sal_row.numel() else rows
+
+
+@pytest.mark.parametrize("group_size, form", [(100, "codes"), (64, "deltas")])
+def test_salient_corrections_sit_at_the_salient_positions(group_size, form):
+    pw = random_packed("pb-llm", 5, 100, group_size)
     plan = build_plan(pw)
     assert plan.sal_rowptr[-1] == pw.salient.count == plan.sal_col.numel() == plan.sal_val.numel()
-    assert plan.sal_col.dtype == torch.int16  # 6 bytes per salient weight
-    rows = torch.repeat_interleave(torch.arange(5), plan.sal_rowptr.diff())
-    assert not torch.equal(pw.decode(), plan_decode(build_plan(random_packed("sign+mean", 5, 100, 100))))
-    torch.testing.assert_close(plan_decode(plan)[rows, plan.sal_col.long()], pw.decode()[rows, plan.sal_col.long()])
-    without = build_plan(random_packed("sign+mean", 5, 100, 100))
-    assert without.sal_rowptr.numel() == 0
+    assert plan.sal_col.dtype == torch.int16
+    if form == "codes":  # one plane, one group per row: column and magnitude, 3 bytes per salient weight
+        assert plan.sal_val.dtype == torch.uint8 and plan.sal_row.shape == (5, 4) and plan.sal_rowptr.numel() == 11
+        bits = unpack_bits(pw.planes[0], 100).bool()
+        for r in range(5):  # each row: its b = 1 entries, then its b = 0 entries
+            a, m, e = plan.sal_rowptr[2 * r: 2 * r + 3].tolist()
+            assert bits[r, plan.sal_col[a:m].long()].all() and not bits[r, plan.sal_col[m:e].long()].any()
+    else:  # groups: the formula varies along the row, so deltas stay float32
+        assert plan.sal_val.dtype == torch.float32 and plan.sal_row.numel() == 0 and plan.sal_rowptr.numel() == 6
+    rows, cols = _salient_rows(plan), plan.sal_col.long()
+    assert torch.equal(torch.sort(rows * 100 + cols).values, torch.sort(rows * 100 + cols).values.unique())
+    assert not torch.equal(pw.decode(), plan_decode(build_plan(random_packed("sign+mean", 5, 100, group_size))))
+    torch.testing.assert_close(plan_decode(plan)[rows, cols], pw.decode()[rows, cols])
+    without = build_plan(random_packed("sign+mean", 5, 100, group_size))
+    assert without.sal_rowptr.numel() == 0 and without.sal_row.numel() == 0

@@ -1,0 +1,35 @@
+"""``x @ Wᵀ`` with float32 activations and a 16-bit (bf16 or fp16) weight, widened exactly.
+
+Every bf16 and fp16 number is an fp32 number, so a float layer the checkpoint stores in 16 bits
+(the lm_head) can be served at fp32 without an fp32 copy: half the bytes per decoded token and
+half the memory, the same products up to summation order. Small batches run the C++ kernel
+(``half_matvec_cpu.cpp``), which widens in registers; larger ones, or where it is unavailable,
+widen bands of rows with torch and multiply them with its GEMM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cpu import extension
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+MATVEC_MAX_ROWS = 8  # past this the weight is read once per band anyway and GEMM wins
+BAND_BYTES = 4 << 20  # fp32 bytes of one widened band
+
+
+def half_linear(x: Tensor, weight: Tensor, use_kernel: bool = True) -> Tensor:
+    """``x`` (..., K) float32, ``weight`` (N, K) bf16 or fp16 -> float32 (..., N)."""
+    if x.dtype != torch.float32 or weight.dtype not in HALF_DTYPES:
+        raise TypeError(f"half_linear takes float32 activations and a bf16/fp16 weight, not {x.dtype} and {weight.dtype}")
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    out = x2.new_empty(x2.shape[0], N)
+    ext = extension() if use_kernel and x.is_cpu and weight.is_cpu else None
+    if ext is not None and x2.shape[0] <= MATVEC_MAX_ROWS:
+        ext.half_linear(x2.contiguous(), weight.contiguous(), out)
+    else:
+        band = max(16, BAND_BYTES // (4 * K))
+        for r0 in range(0, N, band):
+            out[:, r0:r0 + band] = x2 @ weight[r0:r0 + band].float().T
+    return out.view(*x.shape[:-1], N)

@@ -1,0 +1,76 @@
+"""Float layers served from their 16-bit checkpoint weights at fp32 (see ``kernels.half``).
+
+A packed checkpoint stores every tensor it does not binarize in 16 bits. Loaded at fp32, the
+lm_head would be an fp32 copy: for SmolLM2-135M, 113 MB read per decoded token, as much as all
+its binary layers together. These modules keep the 16-bit tensor and widen it exactly when
+they compute, so outputs equal the fp32 model's up to summation order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..kernels.half import HALF_DTYPES, half_linear
+
+
+class HalfWeightLinear(nn.Linear):
+    """``nn.Linear`` whose weight stays bf16/fp16 while activations are fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype != torch.float32 or w.dtype not in HALF_DTYPES or torch.is_grad_enabled() and w.requires_grad:
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = half_linear(x, w, use_kernel=kernels.kernel_path(x) is not None)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class HalfWeightEmbedding(nn.Embedding):
+    """``nn.Embedding`` over a bf16/fp16 table (shared with a tied lm_head) that returns ``dtype``."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None, dtype: torch.dtype):
+        super().__init__(weight.shape[0], weight.shape[1], padding_idx=padding_idx, _weight=weight, _freeze=True)
+        self.out_dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() change the output dtype with the table; device moves do not
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+
+@torch.no_grad()
+def serve_half_weights(model: nn.Module, storage_dtype: torch.dtype) -> int:
+    """Swap every plain fp32 ``nn.Linear`` on the CPU (and a plain embedding tied to it) for its
+    16-bit form.
+
+    Meant for weights whose values came from ``storage_dtype`` (a checkpoint just loaded, or a
+    quantized model rounded to it); a layer that would not narrow exactly is left as it is.
+    Returns the number of layers swapped."""
+    from ..models import set_submodule  # models imports this package
+
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or not module.weight.is_cpu:
+            continue
+        half = module.weight.to(storage_dtype)
+        if not torch.equal(half.to(torch.float32), module.weight):
+            continue
+        layer = HalfWeightLinear(half, None if module.bias is None else module.bias.detach())
+        for emb_name, emb in list(model.named_modules()):
+            if type(emb) is nn.Embedding and emb.weight is module.weight and emb.max_norm is None:
+                tied = HalfWeightEmbedding(half, emb.padding_idx, torch.float32)
+                tied.weight = layer.weight  # one Parameter, as the tie had
+                set_submodule(model, emb_name, tied)
+        set_submodule(model, name, layer)
+        swapped += 1
+    return swapped
