@@ -7,13 +7,14 @@ export can trace through it. Implementations:
 * CPU: the C++ kernel (``packed_matmul_cpu.cpp``). Small batches run the packed-bit
   matrix-vector kernel, which reads only the bits; larger batches expand bands of rows to fp32
   and multiply them with torch's GEMM, which is compute-bound there anyway.
-* CUDA: the plan decoded densely with plain torch for now (correct, not fast); the Triton
-  kernel registers here when it lands.
+* CUDA: the Triton kernel (``triton_gpu.py``, imported on first use), which expands bits to
+  weight tiles in registers; without Triton installed, a one-time warning and the dense decode.
 * Anywhere the compiled kernel is unavailable: the same dense plain-torch decode.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -80,9 +81,20 @@ def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, s
 
 @packed_linear_op.register_kernel("cuda")
 def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col, sal_val, sal_row, isa=0):
+    from . import triton_gpu  # only now: CPU-only installs never import Triton
+
     plan = KernelPlan.from_op_args(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                                    sal_val, sal_row)
+    if triton_gpu.available():
+        return triton_gpu.packed_linear(x, plan)
+    _warn_no_triton()
     return x.float() @ plan_decode(plan).T
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton() -> None:
+    warnings.warn("llmbin: Triton is not installed, so packed layers on CUDA decode their weights with plain torch "
+                  "(correct, not fast); pip install triton to get the GPU kernel.", stacklevel=3)
 
 
 def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
