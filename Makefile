@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs
 
-.PHONY: install test demo bench-methods bench-kernels clean
+.PHONY: install test demo bench-methods bench-kernels bench-zeroshot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench-methods: $(VENV)/.bench
 # tokens/s float vs PB-LLM (needs $(OUT)/methods/pb-llm-10 from bench-methods, or CHECKPOINT=DIR).
 bench-kernels: install
 	$(BIN)/python eval/kernel_benchmark.py --out-dir $(OUT)/kernels --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
+
+# Zero-shot accuracy (lm-eval, full sets) of SmolLM2 float and its PB-LLM checkpoint: JSON and
+# markdown in $(OUT)/zeroshot/. Resumable (lm-eval's request cache): rerun to continue.
+bench-zeroshot: install
+	$(BIN)/python eval/zeroshot_smollm2.py --out-dir $(OUT)/zeroshot --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
 
 clean:
 	rm -rf $(VENV) $(OUT)

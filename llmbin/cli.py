@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import LlmbinError
+from .evaluate.zeroshot import DEFAULT_TASKS, TASK_DATA_ENV
 
 
 def _method_options(parser: argparse.ArgumentParser) -> list[str]:
@@ -58,10 +59,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     q.add_argument("--no-progress", action="store_true")
     options = _method_options(q)
 
-    e = sub.add_parser("eval", help="perplexity of a packed checkpoint or an original model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a packed checkpoint or an original model")
     e.add_argument("checkpoint", nargs="?", help="llmbin checkpoint directory")
     e.add_argument("--model", help="an original model instead (hub id, folder, .gguf, 'smollm2-135m')")
-    e.add_argument("--ppl", default="wikitext2", help="data set for perplexity (wikitext2, c4, ptb)")
+    e.add_argument("--ppl", help="data set for perplexity (wikitext2, c4, ptb); default wikitext2 unless --tasks is given")
+    e.add_argument("--tasks", help="comma-separated lm-eval zero-shot tasks, e.g. " + ",".join(DEFAULT_TASKS))
+    e.add_argument("--limit", type=int, help="with --tasks: only the first N examples of each task (quick checks)")
+    e.add_argument("--batch-size", type=int, default=8, help="with --tasks: lm-eval batch size")
+    e.add_argument("--task-data", help=f"with --tasks: local copies of the task data (default ${TASK_DATA_ENV}, "
+                   "else zeroshot/ in the local data folder, else the hub)")
+    e.add_argument("--cache", help="with --tasks: keep scored requests in SQLite files with this path prefix; "
+                   "a rerun with the same prefix resumes where an interrupted one stopped")
     e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
@@ -140,6 +148,8 @@ def cmd_eval(args) -> dict:
 
     if bool(args.checkpoint) == bool(args.model):
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+    if not args.tasks and (args.limit is not None or args.task_data or args.cache):
+        raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
     if args.checkpoint:
         from transformers import AutoTokenizer
 
@@ -156,15 +166,24 @@ def cmd_eval(args) -> dict:
 
         model, tokenizer = load_model(args.model)
     start = time.perf_counter()
-    ppl = _perplexity(model, tokenizer, args.ppl, args.eval_data, args.seqlen, args.max_windows, args.no_progress)
-    report = {"ppl": {args.ppl: ppl}, "eval_data": args.eval_data,
-              "bits_per_weight": bit_report(model)["bits_per_weight"],
-              "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None,
-              "model": args.checkpoint or args.model, "seqlen": args.seqlen,
-              "max_windows": args.max_windows, "eval_seconds": time.perf_counter() - start,
-              "peak_rss_mib": _peak_rss_mib()}
+    report = {"model": args.checkpoint or args.model, "bits_per_weight": bit_report(model)["bits_per_weight"],
+              "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None}
     bpw = report["bits_per_weight"]
-    print(f"{report['model']}: {args.ppl} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
+    dataset = args.ppl or (None if args.tasks else "wikitext2")
+    if dataset:
+        ppl = _perplexity(model, tokenizer, dataset, args.eval_data, args.seqlen, args.max_windows, args.no_progress)
+        report.update({"ppl": {dataset: ppl}, "eval_data": args.eval_data, "seqlen": args.seqlen,
+                       "max_windows": args.max_windows})
+        print(f"{report['model']}: {dataset} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
+    if args.tasks:
+        from .evaluate.zeroshot import table, zero_shot
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        zs = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, task_data=args.task_data,
+                       cache=args.cache)
+        report.update(zs)
+        print(table(zs))
+    report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
 
 

@@ -16,3 +16,8 @@ def test_every_package_is_listed_and_the_kernel_source_ships():
 
     assert all(source.parent == source_dir and source.suffix == ".cpp" for source in SOURCES)
     assert tool["package-data"]["llmbin.kernels.csrc"] == ["*.cpp"]
+    from llmbin.evaluate.zeroshot import OFFLINE_TASKS, TASK_DIR
+
+    assert ROOT / tool["package-dir"]["llmbin.evaluate.tasks"] == TASK_DIR
+    assert tool["package-data"]["llmbin.evaluate.tasks"] == ["*.yaml"]
+    assert all((TASK_DIR / f"{task}.yaml").is_file() for task in OFFLINE_TASKS)

@@ -1,0 +1,122 @@
+"""Zero-shot accuracy through lm-evaluation-harness: any loaded model (packed layers and kernels
+included) wrapped in lm-eval's ``HFLM`` and scored by ``simple_evaluate``; no task's scoring is
+re-implemented here.
+
+Task data comes from the hub, or from local copies: ``task_data`` (``--task-data``), else
+``$LLMBIN_TASK_DATA``, else ``zeroshot/`` in the local data folder (``$LLMBIN_DATA`` or
+``../shared/data``). Local copies run the task definitions in ``eval/tasks/``: lm-eval's own
+prompts, choices and metrics over loaders that rebuild the hub's fields (see
+``eval/tasks/offline_data.py``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..data.paths import local_data_dir
+from ..errors import LlmbinError
+
+OFFLINE_TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
+DEFAULT_TASKS = OFFLINE_TASKS
+TASK_DATA_ENV = "LLMBIN_TASK_DATA"
+# A wheel ships the definitions as llmbin/evaluate/tasks/; a checkout keeps them in eval/tasks/.
+TASK_DIR = next((d for d in (Path(__file__).with_name("tasks"), Path(__file__).parents[2] / "eval" / "tasks")
+                 if (d / "offline_data.py").exists()), Path(__file__).parents[2] / "eval" / "tasks")
+
+
+def resolve_task_data(task_data: str | os.PathLike | None) -> Path | None:
+    """The local task data folder to use, or None for the hub."""
+    chosen = task_data or os.environ.get(TASK_DATA_ENV)
+    if chosen:
+        path = Path(chosen)
+        if not path.is_dir():
+            source = "--task-data" if task_data else f"${TASK_DATA_ENV}"
+            raise LlmbinError(f"{source} {path} is not a folder; it should hold {', '.join(_folders())} "
+                              f"(the layout of ../shared/data/zeroshot)")
+        return path
+    root = local_data_dir()
+    return root / "zeroshot" if root is not None and (root / "zeroshot").is_dir() else None
+
+
+def _folders() -> list[str]:
+    return ["piqa/", "arc/", "winogrande/", "hellaswag/"]
+
+
+def task_manager(data: Path | None):
+    from lm_eval.tasks import TaskManager
+
+    if data is None:
+        return TaskManager()
+    # Only llmbin's definitions: the same task names, reading the local copies.
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(data)})
+
+
+def check_tasks(tasks: list[str], manager, offline: bool) -> None:
+    if not tasks:
+        raise LlmbinError(f"--tasks is empty; available: {', '.join(OFFLINE_TASKS)}")
+    known = OFFLINE_TASKS if offline else manager.all_tasks
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        if offline:
+            raise LlmbinError(f"unknown task {', '.join(unknown)} for local task data; available: {', '.join(OFFLINE_TASKS)}")
+        close = sorted(t for t in known if any(u.split("_")[0] in t for u in unknown))[:10]
+        raise LlmbinError(f"unknown task {', '.join(unknown)}; lm-eval has {len(known)} tasks"
+                          + (f", e.g. {', '.join(close)}" if close else "") + " (lm-eval --tasks list shows them all)")
+
+
+def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
+              task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> dict:
+    """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
+    "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
+    prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise LlmbinError("zero-shot tasks need lm-evaluation-harness: pip install 'llmbin[eval]'") from None
+    if limit is not None and limit < 1:
+        raise LlmbinError(f"--limit must be at least 1, not {limit}")
+    if batch_size < 1:
+        raise LlmbinError(f"--batch-size must be at least 1, not {batch_size}")
+    data = resolve_task_data(task_data)
+    manager = task_manager(data)
+    check_tasks(tasks, manager, offline=data is not None)
+    # HFLM parses a dict quantization_config with transformers, which does not know llmbin's.
+    qconfig = model.config.__dict__.pop("quantization_config", None)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    finally:
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
+                          use_cache=None if cache is None else str(cache))
+    values, errors = {}, {}
+    for task in tasks:
+        raw = out["results"][task]
+        values[task] = {k.split(",")[0]: float(v) for k, v in raw.items()
+                        if "," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))}
+        errors[task] = {k.split(",")[0][: -len("_stderr")]: _number(v) for k, v in raw.items()
+                        if k.split(",")[0].endswith("_stderr")}
+    accs = [v["acc"] for v in values.values() if "acc" in v]
+    return {"tasks": values, "stderr": errors, "average": sum(accs) / len(accs) if accs else None,
+            "task_data": str(data) if data else None, "limit": limit}
+
+
+def _number(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def table(report: dict) -> str:
+    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
+    for task, metrics in report["tasks"].items():
+        for metric, value in metrics.items():
+            err = report["stderr"].get(task, {}).get(metric)
+            lines.append(f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} |")
+    if report["average"] is not None:
+        lines.append(f"| average | acc | {report['average']:.4f} | |")
+    return "\n".join(lines)

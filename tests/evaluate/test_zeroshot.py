@@ -1,0 +1,47 @@
+"""``llmbin eval --tasks``: lm-eval on a tiny random model and a packed checkpoint, offline."""
+import json
+
+import pytest
+
+from llmbin.cli import main
+from llmbin.errors import LlmbinError
+from llmbin.evaluate.zeroshot import OFFLINE_TASKS, resolve_task_data, zero_shot
+from tests.conftest import tiny_model
+
+
+def test_every_offline_task_runs_on_a_tiny_model(tokenizer):
+    report = zero_shot(tiny_model("llama"), tokenizer, list(OFFLINE_TASKS), limit=3, batch_size=4)
+    assert set(report["tasks"]) == set(OFFLINE_TASKS) and report["limit"] == 3 and report["task_data"]
+    for task, metrics in report["tasks"].items():
+        assert 0 <= metrics["acc"] <= 1 and metrics["acc"] * 3 == round(metrics["acc"] * 3)  # 3 examples each
+        assert ("acc_norm" in metrics) == (task != "winogrande")
+    assert report["average"] == pytest.approx(sum(m["acc"] for m in report["tasks"].values()) / 5)
+
+
+def test_cli_evaluates_a_saved_checkpoint_and_writes_the_tasks(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress"]) == 0
+    assert main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "2", "--json", str(tmp_path / "z.json"),
+                 "--no-progress"]) == 0
+    report = json.loads((tmp_path / "z.json").read_text())
+    assert set(report["tasks"]) == {"piqa", "winogrande"} and "ppl" not in report  # --tasks alone: no perplexity
+    assert report["bits_per_weight"] > 1 and set(report["tasks"]["piqa"]) == {"acc", "acc_norm"}
+
+
+def test_a_bad_task_name_lists_the_available_tasks(tokenizer):
+    with pytest.raises(LlmbinError, match="unknown task hellaswg for local task data; available: piqa, arc_easy"):
+        zero_shot(tiny_model("llama"), tokenizer, ["hellaswg"], limit=1)
+
+
+def test_a_missing_task_data_folder_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(LlmbinError, match="--task-data .*nowhere is not a folder; it should hold piqa/, arc/"):
+        resolve_task_data(tmp_path / "nowhere")
+    assert main(["eval", "--model", "x", "--limit", "3"]) == 2
+    assert "--limit, --task-data and --cache apply to zero-shot tasks" in capsys.readouterr().err
+
+
+def test_a_folder_without_a_task_names_the_missing_files(tokenizer, tmp_path):
+    (tmp_path / "piqa").mkdir()
+    with pytest.raises(Exception, match="valid.jsonl is missing"):
+        zero_shot(tiny_model("llama"), tokenizer, ["piqa"], limit=1, task_data=tmp_path)
