@@ -39,8 +39,22 @@ def resolve_task_data(task_data: str | os.PathLike | None) -> Path | None:
     return root / "zeroshot" if root is not None and (root / "zeroshot").is_dir() else None
 
 
+# The local files each offline task reads (the layout of ../shared/data/zeroshot).
+TASK_FILES = {"piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"], "arc_easy": ["arc/ARC-Easy-Test.jsonl"],
+              "arc_challenge": ["arc/ARC-Challenge-Test.jsonl"],
+              "winogrande": ["winogrande/dev.jsonl", "winogrande/dev-labels.lst"],
+              "hellaswag": ["hellaswag/hellaswag_val_full.txt.bz2"]}
+
+
 def _folders() -> list[str]:
     return ["piqa/", "arc/", "winogrande/", "hellaswag/"]
+
+
+def check_task_files(tasks: list[str], data: Path) -> None:
+    missing = [f for t in tasks for f in TASK_FILES[t] if not (data / f).is_file()]
+    if missing:
+        raise LlmbinError(f"the task data folder {data} lacks {', '.join(missing)}; "
+                          "it needs the layout of ../shared/data/zeroshot (see eval/tasks/offline_data.py)")
 
 
 def task_manager(data: Path | None):
@@ -82,6 +96,8 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     data = resolve_task_data(task_data)
     manager = task_manager(data)
     check_tasks(tasks, manager, offline=data is not None)
+    if data is not None:
+        check_task_files(tasks, data)
     # HFLM parses a dict quantization_config with transformers, which does not know llmbin's.
     qconfig = model.config.__dict__.pop("quantization_config", None)
     try:
@@ -89,8 +105,13 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     finally:
         if qconfig is not None:
             model.config.quantization_config = qconfig
-    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
-                          use_cache=None if cache is None else str(cache))
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
+                              use_cache=None if cache is None else str(cache))
+    except Exception as exc:
+        if type(exc).__name__ == "TaskDataError":  # a local file in the wrong format (offline_data.py)
+            raise LlmbinError(str(exc)) from None
+        raise
     values, errors = {}, {}
     for task in tasks:
         raw = out["results"][task]

@@ -24,7 +24,7 @@ PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice",
 @pytest.fixture(scope="module")
 def tasks():
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(DATA)})
-    return manager.load_task_or_group(list(OFFLINE_TASKS))
+    return manager.load(list(OFFLINE_TASKS))["tasks"]
 
 
 @pytest.mark.parametrize("name", OFFLINE_TASKS)

@@ -43,5 +43,13 @@ def test_a_missing_task_data_folder_is_a_clear_error(tmp_path, capsys):
 
 def test_a_folder_without_a_task_names_the_missing_files(tokenizer, tmp_path):
     (tmp_path / "piqa").mkdir()
-    with pytest.raises(Exception, match="valid.jsonl is missing"):
+    with pytest.raises(LlmbinError, match="lacks piqa/valid.jsonl, piqa/valid-labels.lst; it needs the layout"):
+        zero_shot(tiny_model("llama"), tokenizer, ["piqa"], limit=1, task_data=tmp_path)
+
+
+def test_a_malformed_task_file_is_a_clear_error(tokenizer, tmp_path):
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(LlmbinError, match="valid-labels.lst has 2 labels for 1 examples"):
         zero_shot(tiny_model("llama"), tokenizer, ["piqa"], limit=1, task_data=tmp_path)
