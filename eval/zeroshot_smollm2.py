@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-TASKS = ["piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag"]
+from llmbin.evaluate.zeroshot import DEFAULT_TASKS as TASKS
 
 
 def run(out_dir: Path, name: str, target: list[str], args) -> dict:
+    name += f"-limit{args.limit}" if args.limit else ""  # a quick look never stands in for the full sets
     out_json = out_dir / f"{name}.json"
     if not out_json.exists():
         cmd = [sys.executable, "-m", "llmbin.cli", "eval", *target, "--tasks", ",".join(TASKS), "--batch-size",
@@ -64,8 +65,9 @@ def main() -> None:
     results = {"float": run(out, "float", ["--model", args.model], args),
                "pb-llm-10": run(out, "pb-llm-10", [args.checkpoint], args)}
     (out / "zeroshot.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "zeroshot.md").write_text(markdown(results))
-    print(markdown(results))
+    table = markdown(results)
+    (out / "zeroshot.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

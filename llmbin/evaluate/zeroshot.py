@@ -47,7 +47,7 @@ TASK_FILES = {"piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"], "arc_easy":
 
 
 def _folders() -> list[str]:
-    return ["piqa/", "arc/", "winogrande/", "hellaswag/"]
+    return list(dict.fromkeys(f.split("/")[0] + "/" for files in TASK_FILES.values() for f in files))
 
 
 def check_task_files(tasks: list[str], data: Path) -> None:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from .cpu import extension
+from .ops import BAND_BYTES
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 MATVEC_MAX_ROWS = 8  # past this the weight is read once per band anyway and GEMM wins
-BAND_BYTES = 4 << 20  # fp32 bytes of one widened band
 
 
 def half_linear(x: Tensor, weight: Tensor, use_kernel: bool = True) -> Tensor:

@@ -185,9 +185,10 @@ def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
     col_dtype = torch.int16 if K <= 32767 else torch.int32
     if _salient_codes_fit(plan, pw):
         bit = unpack_bits(plan.planes[0], K).view(-1)[pos].long()  # the salient sign, and the formula's bit
-        order = torch.argsort(2 * rows + 1 - bit, stable=True)  # per row: b = 1 entries, then b = 0
+        part = 2 * rows + 1 - bit  # per row: b = 1 entries, then b = 0
+        order = torch.argsort(part, stable=True)
         rowptr = torch.zeros(2 * N + 1, dtype=torch.int64, device=pos.device)
-        rowptr[1:] = torch.bincount(2 * rows + 1 - bit, minlength=2 * N).cumsum(0)
+        rowptr[1:] = torch.bincount(part, minlength=2 * N).cumsum(0)
         # formula(b) = slope · b + offset; the salient weight is (2b − 1) · m · scale
         slope = plan.coef[: plan.n_bit_products, :, 0].sum(0)
         offset = plan.coef[plan.n_bit_products:, :, 0].sum(0)
@@ -206,7 +207,7 @@ def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
 def _salient_codes_fit(plan: KernelPlan, pw: PackedWeight) -> bool:
     """Whether the formula at a salient position is a function of its row and plane-0 bit only
     (PB-LLM's layout), and magnitudes fit a byte."""
-    N, K = plan.shape
+    K = plan.shape[1]
     return (plan.planes.shape[0] == 1 and plan.num_groups == 1 and pw.salient.bits <= 9
             and bool((plan.colw[:, :K] == 1).all()))
 

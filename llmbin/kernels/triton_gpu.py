@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 from torch import Tensor
@@ -26,10 +25,6 @@ from .plan import KernelPlan
 def available() -> bool:
     """Whether Triton is installed (the kernels need it on CUDA, or its interpreter on CPU)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
