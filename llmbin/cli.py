@@ -56,6 +56,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     q.add_argument("--eval-ppl", metavar="DATASET", help="after saving, also report the in-memory model's perplexity")
     q.add_argument("--eval-seqlen", type=int, default=2048)
     q.add_argument("--max-windows", type=int, help="with --eval-ppl: evaluate only the first N windows")
+    q.add_argument("--eval-tasks", metavar="TASKS",
+                   help="after saving, reload the checkpoint and run these lm-eval zero-shot tasks (as llmbin eval --tasks)")
+    q.add_argument("--limit", type=int, help="with --eval-tasks: only the first N examples of each task")
+    q.add_argument("--eval-batch-size", type=int, default=8, help="with --eval-tasks: lm-eval batch size")
+    q.add_argument("--task-data", help="with --eval-tasks: local copies of the task data (as llmbin eval --task-data)")
     q.add_argument("--no-progress", action="store_true")
     options = _method_options(q)
 
@@ -107,6 +112,13 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         config = make_config(args.method, **options)
     else:
         raise LlmbinError("give --method or --recipe (e.g. --recipe recipes/pb-llm-10.yaml)")
+    tasks = _task_list(args.eval_tasks) if args.eval_tasks is not None else None
+    if tasks is not None:
+        from .evaluate.zeroshot import prepare_tasks
+
+        prepare_tasks(tasks, limit=args.limit, batch_size=args.eval_batch_size, task_data=args.task_data)
+    elif args.limit is not None or args.task_data:
+        raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
     model, tokenizer = load_model(args.model)
     calibration = calibration_windows(tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
@@ -131,6 +143,26 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         ppl = _perplexity(model, tokenizer, args.eval_ppl, None, args.eval_seqlen, args.max_windows, args.no_progress)
         report["ppl_in_memory"] = {args.eval_ppl: ppl}
         print(f"in-memory {args.eval_ppl} perplexity {ppl:.3f}")
+    if tasks is not None:
+        from transformers import AutoTokenizer
+
+        from .checkpoint import load
+
+        del model  # the numbers are those of the saved files, reloaded as users will load them
+        report.update(_zero_shot(load(out), AutoTokenizer.from_pretrained(out), tasks, args.limit,
+                                 args.eval_batch_size, args.task_data, None))
+    return report
+
+
+def _task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _zero_shot(model, tokenizer, tasks, limit, batch_size, task_data, cache) -> dict:
+    from .evaluate.zeroshot import table, zero_shot
+
+    report = zero_shot(model, tokenizer, tasks, limit=limit, batch_size=batch_size, task_data=task_data, cache=cache)
+    print(table(report))
     return report
 
 
@@ -176,13 +208,8 @@ def cmd_eval(args) -> dict:
                        "max_windows": args.max_windows})
         print(f"{report['model']}: {dataset} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
     if args.tasks:
-        from .evaluate.zeroshot import table, zero_shot
-
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        zs = zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, task_data=args.task_data,
-                       cache=args.cache)
-        report.update(zs)
-        print(table(zs))
+        report.update(_zero_shot(model, tokenizer, _task_list(args.tasks), args.limit, args.batch_size, args.task_data,
+                                 args.cache))
     report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
 

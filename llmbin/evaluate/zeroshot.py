@@ -79,25 +79,36 @@ def check_tasks(tasks: list[str], manager, offline: bool) -> None:
                           + (f", e.g. {', '.join(close)}" if close else "") + " (lm-eval --tasks list shows them all)")
 
 
-def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-              task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> dict:
-    """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
-    "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
-    prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes."""
+def prepare_tasks(tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
+                  task_data: str | os.PathLike | None = None):
+    """Check the tasks and options before any model work; returns (local data folder or None,
+    lm-eval TaskManager). ``llmbin quantize --eval-tasks`` calls it first, so a typo fails in
+    seconds rather than after the quantization."""
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
+        import lm_eval  # noqa: F401
     except ImportError:
         raise LlmbinError("zero-shot tasks need lm-evaluation-harness: pip install 'llmbin[eval]'") from None
     if limit is not None and limit < 1:
         raise LlmbinError(f"--limit must be at least 1, not {limit}")
     if batch_size < 1:
-        raise LlmbinError(f"--batch-size must be at least 1, not {batch_size}")
+        raise LlmbinError(f"the lm-eval batch size must be at least 1, not {batch_size}")
     data = resolve_task_data(task_data)
     manager = task_manager(data)
     check_tasks(tasks, manager, offline=data is not None)
     if data is not None:
         check_task_files(tasks, data)
+    return data, manager
+
+
+def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
+              task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> dict:
+    """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
+    "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
+    prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    data, manager = prepare_tasks(tasks, limit=limit, batch_size=batch_size, task_data=task_data)
     # HFLM parses a dict quantization_config with transformers, which does not know llmbin's.
     qconfig = model.config.__dict__.pop("quantization_config", None)
     try:

@@ -21,12 +21,25 @@ def test_every_offline_task_runs_on_a_tiny_model(tokenizer):
 def test_cli_evaluates_a_saved_checkpoint_and_writes_the_tasks(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "ckpt"
     assert main(["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
-                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress"]) == 0
-    assert main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "2", "--json", str(tmp_path / "z.json"),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress",
+                 "--eval-tasks", "piqa,winogrande", "--limit", "3", "--json", str(tmp_path / "q.json")]) == 0
+    assert main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "3", "--json", str(tmp_path / "z.json"),
                  "--no-progress"]) == 0
     report = json.loads((tmp_path / "z.json").read_text())
     assert set(report["tasks"]) == {"piqa", "winogrande"} and "ppl" not in report  # --tasks alone: no perplexity
     assert report["bits_per_weight"] > 1 and set(report["tasks"]["piqa"]) == {"acc", "acc_norm"}
+    # quantize --eval-tasks scores the saved checkpoint, reloaded: the same numbers as a later llmbin eval
+    assert json.loads((tmp_path / "q.json").read_text())["tasks"] == report["tasks"]
+
+
+def test_quantize_checks_its_tasks_before_quantizing(tiny_model_dir, text_file, tmp_path, capsys):
+    base = ["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+            "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "ckpt"), "--no-progress"]
+    assert main(base + ["--eval-tasks", "piqa,hellaswg"]) == 2
+    assert "unknown task hellaswg for local task data; available: piqa" in capsys.readouterr().err
+    assert main(base + ["--limit", "3"]) == 2
+    assert "--limit and --task-data apply to zero-shot tasks; add --eval-tasks" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # failed before any work: no checkpoint, no partial folder
 
 
 def test_a_bad_task_name_lists_the_available_tasks(tokenizer):
