@@ -78,8 +78,14 @@ def test_hellaswag_queries_follow_lm_evals_processing(tasks):
     assert split_context("[header] How to dry a rug. [step] Hang it outside.") == (
         "[header] How to dry a rug. [step] Hang it outside.", "")
     assert split_context("two men") == ("", "two men")
+    assert split_context('A title appears. a man named " bob "') == ("A title appears.", 'a man named " bob "')
+    assert split_context('He says "stop!"') == ('He says "stop!"', "")
     doc = next(iter(tasks["hellaswag"].validation_docs()))
     raw = bz2.decompress((DATA / "hellaswag" / "hellaswag_val_full.txt.bz2").read_bytes()).decode().split("\n")
     assert raw[0] == "Roof shingle removal: A man is sitting on a roof. he" and raw[1] == "3"
     assert doc["query"] == "Roof shingle removal: A man is sitting on a roof. He"  # lm-eval capitalizes ctx_b
     assert doc["choices"] == raw[2:6] and tasks["hellaswag"].doc_to_target(doc) == 3
+    # HellaSwag's validation set has 3243 ActivityNet items (1809 in-domain + 1434 zero-shot), each
+    # with a ctx_b, then 6799 WikiHow items, with none; the split must find exactly that.
+    rows = module.hellaswag(DATA)["validation"]
+    assert [i for i, b in enumerate(rows["ctx_b"]) if b] == list(range(3243))
