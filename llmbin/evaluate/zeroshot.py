@@ -105,10 +105,10 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
     "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
     prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes."""
-    from lm_eval import simple_evaluate
+    data, manager = prepare_tasks(tasks, limit=limit, batch_size=batch_size, task_data=task_data)
+    from lm_eval import simple_evaluate  # after prepare_tasks, which turns a missing lm-eval into a one-line error
     from lm_eval.models.huggingface import HFLM
 
-    data, manager = prepare_tasks(tasks, limit=limit, batch_size=batch_size, task_data=task_data)
     # HFLM parses a dict quantization_config with transformers, which does not know llmbin's.
     qconfig = model.config.__dict__.pop("quantization_config", None)
     try:
