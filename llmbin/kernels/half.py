@@ -31,5 +31,5 @@ def half_linear(x: Tensor, weight: Tensor, use_kernel: bool = True) -> Tensor:
     else:
         band = max(16, BAND_BYTES // (4 * K))
         for r0 in range(0, N, band):
-            out[:, r0:r0 + band] = x2 @ weight[r0:r0 + band].float().T
+            torch.mm(x2, weight[r0:r0 + band].float().T, out=out[:, r0:r0 + band])  # in place: no (B, band) copy
     return out.view(*x.shape[:-1], N)

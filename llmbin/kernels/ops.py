@@ -59,7 +59,7 @@ def _packed_linear_cpu(x: Tensor, planes, tiles, colw, prod_var, prod_mono, n_bi
     for r0 in range(0, N, band):
         r1 = min(N, r0 + band)
         ext.decode_rows(*args, r0, r1, weights[: r1 - r0], isa)
-        out[:, r0:r1] = x @ weights[: r1 - r0, :K].T
+        torch.mm(x, weights[: r1 - r0, :K].T, out=out[:, r0:r1])  # BLAS writes the band's columns in place: no copy
     return out
 
 

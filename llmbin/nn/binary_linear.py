@@ -51,7 +51,7 @@ class BinaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = None if self.dense_cache else kernels.kernel_path(x)
-        if path is not None and not (torch.is_grad_enabled() and self._trains_scales()):
+        if path is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._trains_scales())):
             y = kernels.packed_linear(x, self.kernel_plan(), path)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -59,7 +59,7 @@ class BinaryLinear(nn.Module):
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.packed().decode(x.dtype)
             return F.linear(x, self._dense, bias)
-        # the reference path; also training scales (distillation): the kernel has no backward
+        # the reference path; also whenever autograd needs it (distillation): the kernels have no backward
         return F.linear(x, self.packed().decode(x.dtype), bias)
 
     def _trains_scales(self) -> bool:

@@ -60,3 +60,12 @@ def test_scales_that_require_grad_get_gradients(ext):
     layer.alpha.requires_grad_(True)
     layer(torch.randn(2, 64)).sum().backward()
     assert layer.alpha.grad is not None and layer.alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("batch", [1, 256])  # the C++ matrix-vector kernel, then decoded bands + GEMM
+def test_inputs_that_require_grad_get_gradients(ext, batch):
+    # the kernels have no backward, so autograd must take the reference path, not a detached output
+    layer = BinaryLinear.from_float(torch.nn.Linear(64, 4))
+    x = torch.randn(batch, 64, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.packed().decode().sum(0).expand(batch, 64))

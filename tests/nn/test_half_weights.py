@@ -64,3 +64,11 @@ def test_a_weight_that_fp16_would_round_is_left_in_fp32():
         model[1].weight.copy_(model[1].weight.half().float())  # exactly fp16; model[0] is not
     assert serve_half_weights(model, torch.float16) == 1
     assert type(model[0]) is torch.nn.Linear and type(model[1]) is HalfWeightLinear
+
+
+@pytest.mark.parametrize("batch", [1, 64])  # the C++ matrix-vector kernel, then bands + GEMM
+def test_inputs_that_require_grad_get_gradients(ext, batch):
+    weight = torch.randn(5, 16).half()
+    x = torch.randn(batch, 16, requires_grad=True)
+    HalfWeightLinear(weight)(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.float().sum(0).expand(batch, 16))
