@@ -26,7 +26,8 @@ class HalfWeightLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype != torch.float32 or w.dtype not in HALF_DTYPES or torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        needs_autograd = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)  # the kernels have no backward
+        if x.dtype != torch.float32 or w.dtype not in HALF_DTYPES or needs_autograd:
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = half_linear(x, w, use_kernel=kernels.kernel_path(x) is not None)
         return y if self.bias is None else y + self.bias.to(y.dtype)
