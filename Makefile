@@ -41,10 +41,11 @@ bench-methods: $(VENV)/.bench
 bench-kernels: install
 	$(BIN)/python eval/kernel_benchmark.py --out-dir $(OUT)/kernels --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
 
-# Zero-shot accuracy (lm-eval, full sets) of SmolLM2 float and its PB-LLM checkpoint: JSON and
-# markdown in $(OUT)/zeroshot/. Resumable (lm-eval's request cache): rerun to continue.
+# Zero-shot accuracy (lm-eval, full sets) of SmolLM2 float and its PB-LLM checkpoint, scored in
+# shards saved under eval/results/zeroshot/ (kept in git) and merged into zeroshot.{json,md} there.
+# Rerun to continue; STOP_AFTER=MIN starts no new shard after MIN minutes.
 bench-zeroshot: install
-	$(BIN)/python eval/zeroshot_smollm2.py --out-dir $(OUT)/zeroshot --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
+	$(BIN)/python eval/zeroshot_smollm2.py --cache-dir $(OUT)/zeroshot --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
 
 clean:
 	rm -rf $(VENV) $(OUT)

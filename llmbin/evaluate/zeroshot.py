@@ -101,11 +101,18 @@ def prepare_tasks(tasks: list[str], *, limit: int | None = None, batch_size: int
 
 
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-              task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> dict:
+              task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+              docs: dict[str, list[int]] | None = None) -> dict:
     """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
     "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
-    prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes."""
+    prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes.
+
+    ``docs`` ({task: document indices}, instead of ``limit``) scores only those documents and adds
+    ``"docs": {task: {"doc_id": [...], metric: [per-document value, ...]}}``, lm-eval's own
+    per-document metrics, which ``llmbin.evaluate.shards`` merges across runs."""
     data, manager = prepare_tasks(tasks, limit=limit, batch_size=batch_size, task_data=task_data)
+    if docs is not None:
+        docs = _check_docs(docs, tasks, limit)
     from lm_eval import simple_evaluate  # after prepare_tasks, which turns a missing lm-eval into a one-line error
     from lm_eval.models.huggingface import HFLM
 
@@ -117,8 +124,8 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
         if qconfig is not None:
             model.config.quantization_config = qconfig
     try:
-        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
-                              use_cache=None if cache is None else str(cache))
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, samples=docs, task_manager=manager,
+                              log_samples=docs is not None, use_cache=None if cache is None else str(cache))
     except Exception as exc:
         if type(exc).__name__ == "TaskDataError":  # a local file in the wrong format (offline_data.py)
             raise LlmbinError(str(exc)) from None
@@ -131,8 +138,26 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
         errors[task] = {k.split(",")[0][: -len("_stderr")]: _number(v) for k, v in raw.items()
                         if k.split(",")[0].endswith("_stderr")}
     accs = [v["acc"] for v in values.values() if "acc" in v]
-    return {"tasks": values, "stderr": errors, "average": sum(accs) / len(accs) if accs else None,
-            "task_data": str(data) if data else None, "limit": limit}
+    report = {"tasks": values, "stderr": errors, "average": sum(accs) / len(accs) if accs else None,
+              "task_data": str(data) if data else None, "limit": limit}
+    if docs is not None:
+        report["docs"] = {task: _per_document(out["samples"][task]) for task in tasks}
+    return report
+
+
+def _check_docs(docs: dict[str, list[int]], tasks: list[str], limit: int | None) -> dict[str, list[int]]:
+    if limit is not None:
+        raise LlmbinError("give either limit or docs, not both")
+    if set(docs) != set(tasks) or any(not docs[t] for t in tasks):
+        raise LlmbinError(f"docs must list document indices for each of the tasks {', '.join(tasks)}")
+    # lm-eval maps its n-th scored document to the n-th index, so they must come sorted and once each.
+    return {t: sorted(set(int(i) for i in docs[t])) for t in tasks}
+
+
+def _per_document(samples: list[dict]) -> dict[str, list]:
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    return {"doc_id": [s["doc_id"] for s in samples],
+            **{metric: [float(s[metric]) for s in samples] for metric in samples[0]["metrics"]}}
 
 
 def _number(v) -> float | None:
