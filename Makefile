@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs
 
-.PHONY: install test demo bench-methods bench-kernels bench-zeroshot clean
+.PHONY: install test demo bench-methods bench-kernels bench-zeroshot bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench-kernels: install
 # Rerun to continue; STOP_AFTER=MIN starts no new shard after MIN minutes.
 bench-zeroshot: install
 	$(BIN)/python eval/zeroshot_smollm2.py --cache-dir $(OUT)/zeroshot --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+
+# Memory and time at real shapes: random-weight Llama-2-7B (32 blocks) and 70B (2 blocks) checkpoints, PB-LLM at
+# 128 x 2048, activations in memory and offloaded, the packed 7B checkpoint's load + one perplexity window.
+# Hours on 2 cores; resumable (each phase's JSON is kept). PHASES=70b-offload runs a subset.
+bench-scale: install
+	$(BIN)/python eval/scale_benchmark.py --out-dir $(OUT)/scale $(if $(PHASES),--phases $(PHASES))
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -9,11 +9,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from llmbin.checkpoint import WEIGHTS_FILE, read_tensors
+from llmbin.checkpoint import read_checkpoint
 
 
 def breakdown(checkpoint: Path) -> dict:
-    tensors, layers = read_tensors(checkpoint / WEIGHTS_FILE)
+    tensors, layers = read_checkpoint(checkpoint)
     bits, encodings, weights = Counter(), Counter(), 0
     for name, meta in layers.items():
         weights += meta["shape"][0] * meta["shape"][1]

@@ -1,78 +1,31 @@
-"""The packed checkpoint: ``config.json`` (with ``quantization_config``) + ``model.safetensors`` + tokenizer.
+"""The packed checkpoint: ``config.json`` (with ``quantization_config``), safetensors weights
+(``model.safetensors``, or transformers-style shards with ``model.safetensors.index.json``) and
+the tokenizer.
 
-``model.safetensors`` holds every packed layer's tensors under the layer's module name (see
+Each weights file holds packed layers' tensors under the layer's module name (see
 ``PackedWeight``), the remaining parameters in fp16, and in its header metadata the format
-name, format version and a JSON description of every packed layer. Nothing about the
-format is encoded in file names.
+name, format version and a JSON description of the packed layers it holds (``storage``).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from torch import nn
 
 from .errors import LlmbinError
 from .models import set_submodule
 from .nn.binary_linear import BinaryLinear
 from .nn.half_weights import serve_half_weights
-from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
-
-FORMAT_NAME = "llmbin-packed"
-WEIGHTS_FILE = "model.safetensors"
-STORAGE_DTYPE = torch.float16
+from .shards import MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, by_file, shard_files, write_sharded
+from .storage import STORAGE_DTYPE, as_stored, modules_from_tensors, read_tensors
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], modules: dict[str, BinaryLinear]) -> None:
-    """Write tensors plus the packed-layer description; ``modules`` must be among ``tensors``' owners."""
-    layers = {name: m.packed().metadata() for name, m in modules.items()}
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Read a file written by :func:`write_tensors`; corrupt or foreign files raise ``LlmbinError``."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise LlmbinError(f"{path} is not an llmbin packed checkpoint; create one with llmbin quantize")
-    if metadata.get("format_version") not in {str(v) for v in READABLE_VERSIONS}:
-        raise LlmbinError(
-            f"{path} uses packed format version {metadata.get('format_version')}, this llmbin reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-quantize"
-        )
-    return tensors, json.loads(metadata["layers"])
-
-
-def modules_from_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, BinaryLinear]:
-    """Build ``BinaryLinear`` modules, consuming their tensors from ``tensors``."""
-    modules = {}
-    for name, meta in layers.items():
-        try:
-            packed = PackedWeight.from_tensors(tensors, name, meta)
-        except (KeyError, ValueError) as exc:
-            raise LlmbinError(f"checkpoint layer {name} is damaged ({exc}); re-create the checkpoint") from None
-        for key in packed.tensors(name):
-            del tensors[key]
-        modules[name] = BinaryLinear(packed, tensors.pop(f"{name}.bias", None))
-    return modules
-
-
-def _as_stored(value: torch.Tensor) -> torch.Tensor:
-    """A tensor as the checkpoint stores it: floats in ``STORAGE_DTYPE``, packed codes as they are."""
-    return value.to(STORAGE_DTYPE) if value.is_floating_point() else value
 
 
 @torch.no_grad()
@@ -80,12 +33,16 @@ def round_to_storage(model: torch.nn.Module) -> None:
     """Round every stored float tensor to the checkpoint's storage dtype, in place, so the
     in-memory model computes exactly what the saved-then-loaded one will."""
     for value in model.state_dict().values():
-        if value.is_floating_point():
-            value.copy_(_as_stored(value))
+        if value.is_floating_point() and not value.is_meta:
+            value.copy_(as_stored(value))
 
 
-def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write the checkpoint to a temporary sibling directory, then rename it to ``out_dir``."""
+def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
+         sources: Mapping[str, torch.Tensor] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the checkpoint to a temporary sibling directory, then rename it to ``out_dir``.
+
+    Tensors still on the meta device (a streamed model's released blocks and float layers) are
+    read from ``sources``, a lazy mapping of state-dict names to tensors, one shard at a time."""
     out = Path(out_dir)
     if out.exists():
         raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
@@ -93,13 +50,30 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors, seen = {}, set()
-        for key, value in model.state_dict().items():
-            if value.data_ptr() in seen and value.numel():  # tied weights (e.g. lm_head = embed_tokens): stored once
+        state = model.state_dict(keep_vars=True)
+        shapes, seen = {}, set()
+        for key, value in state.items():
+            if id(value) in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once
                 continue
-            seen.add(value.data_ptr())
-            tensors[key] = _as_stored(value)
-        write_tensors(tmp / WEIGHTS_FILE, tensors, binary_modules(model))
+            seen.add(id(value))
+            shapes[key] = torch.empty(value.shape, dtype=as_stored(torch.empty(0, dtype=value.dtype)).dtype, device="meta")
+
+        def fetch(key: str) -> torch.Tensor:
+            value = state[key].detach()
+            if value.is_meta:
+                try:
+                    value = sources[key]
+                except (KeyError, TypeError):
+                    raise LlmbinError(f"{key} has no weights to save (it is on the meta device); pass its sources") from None
+            stored = as_stored(value)
+            if stored.is_floating_point() and stored.dtype != value.dtype and torch.isinf(stored).any() \
+                    and not torch.isinf(value).any():
+                raise LlmbinError(f"{key} has values beyond the float16 range of the checkpoint; this model cannot be "
+                                  "stored by llmbin's format (scale or clip that tensor first)")
+            return stored
+
+        write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
+                      max_shard_bytes)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -110,20 +84,39 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a packed checkpoint as a transformers model whose linear layers are ``BinaryLinear``."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Every tensor (memory-mapped) and packed-layer description of a single-file or sharded checkpoint."""
+    files = shard_files(path)
+    if not files:
+        raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE} or "
+                          f"{SAFETENSORS_INDEX}); create one with llmbin quantize")
+    tensors, layers = {}, {}
+    for file, names in by_file(files).items():
+        part, described = read_tensors(file, names)
+        tensors.update(part)
+        layers.update(described)
+    return tensors, layers
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         device_map: str | dict | None = None, offload_folder: str | None = None):
+    """Load a packed checkpoint as a transformers model whose linear layers are ``BinaryLinear``.
+
+    The packed tensors stay as stored (memory-mapped). At float32 on the CPU the float layers
+    that were not binarized (embeddings, lm_head) keep their fp16 values too (``HalfWeight*``).
+    ``device_map`` (``"auto"`` or a dict) places blocks over GPUs, CPU and disk with accelerate."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {WEIGHTS_FILE}); "
+    if not (path / "config.json").is_file():
+        raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE}); "
                           "create one with llmbin quantize")
     config = AutoConfig.from_pretrained(path)
     qconfig = getattr(config, "quantization_config", None)
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "llmbin":
         raise LlmbinError(f"{path}/config.json has no llmbin quantization_config; create the checkpoint with llmbin quantize")
-    tensors, layers = read_tensors(path / WEIGHTS_FILE)
+    tensors, layers = read_checkpoint(path)
     modules = modules_from_tensors(tensors, layers)
     del config.quantization_config  # transformers would try to apply an unknown quantizer otherwise
     with init_empty_weights():
@@ -134,7 +127,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
             set_submodule(model, name, module)
         except AttributeError:
             raise LlmbinError(f"checkpoint layer {name} does not exist in a {type(model).__name__}; re-create the checkpoint") from None
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    half = dtype == torch.float32 and torch.device(device).type == "cpu" and device_map is None
+    keep = _half_servable(model) if half else set()
+    tensors = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if _is_meta(model, k)]
@@ -144,9 +139,30 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     for module in modules.values():
         if module.bias is not None:
             module.bias.data = module.bias.data.to(dtype)
-    if dtype == torch.float32 and torch.device(device).type == "cpu":
-        serve_half_weights(model, STORAGE_DTYPE)  # the fp16 lm_head, widened in the kernel: exact, half the bytes
+    if half:
+        serve_half_weights(model, STORAGE_DTYPE)  # embeddings and lm_head served from fp16: exact, half the bytes
+    if device_map is not None:
+        return _dispatch(model, device_map, offload_folder).eval()
     return model.to(device).eval()
+
+
+def _half_servable(model: nn.Module) -> set[str]:
+    """State-dict names of the plain float layers' weights, which can stay 16-bit at float32."""
+    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+
+
+def _dispatch(model: nn.Module, device_map, offload_folder):
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        if device_map != "auto":
+            raise LlmbinError(f"--device-map must be 'auto' or a JSON object of module -> device; got {device_map!r}")
+        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    try:
+        return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LlmbinError(f"cannot place the model with this device map ({str(exc).splitlines()[0]}); "
+                          "check the device names and --offload-folder") from None
 
 
 def _is_meta(model: torch.nn.Module, key: str) -> bool:

@@ -5,13 +5,14 @@ import argparse
 import dataclasses
 import json
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from .errors import LlmbinError
+from .errors import LlmbinError, QuantizationStopped
 from .evaluate.zeroshot import DEFAULT_TASKS, TASK_DATA_ENV
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def _method_options(parser: argparse.ArgumentParser) -> list[str]:
@@ -51,7 +52,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     q.add_argument("--seqlen", type=int, default=2048)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="where each block is quantized (cpu, cuda, cuda:1, ...)")
+    q.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="dtype the model is computed in; auto: float32 on the CPU, the checkpoint's own dtype on a GPU")
+    q.add_argument("--offload-activations", metavar="DIR",
+                   help="keep calibration activations in memory-mapped files in DIR (automatic, in OUT.partial/, when "
+                        "they would exceed a quarter of RAM)")
     q.add_argument("--out", required=True, help="checkpoint directory to create")
+    q.add_argument("--stop-after-blocks", type=int, metavar="K",
+                   help="quantize K more blocks, keep them in OUT.partial/ and stop (rerun without it to continue): "
+                        "quantize a big model over several sessions, or time and measure a few blocks")
     q.add_argument("--json", help="write a JSON report (bits, bytes, time, peak memory) here")
     q.add_argument("--eval-ppl", metavar="DATASET", help="after saving, also report the in-memory model's perplexity")
     q.add_argument("--eval-seqlen", type=int, default=2048)
@@ -78,6 +87,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+    e.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
+    e.add_argument("--device-map", help="'auto', or a JSON object of module -> device/'cpu'/'disk': accelerate places "
+                   "the blocks over GPUs, CPU and disk (with --offload-folder)")
+    e.add_argument("--offload-folder", help="with --device-map: where blocks mapped to 'disk' are kept")
+    e.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="dtype of activations and float layers; auto: float32 on the CPU, float16 (as stored) on a GPU")
     e.add_argument("--dense-cache", action="store_true",
                    help="decode each packed layer once and keep it dense: same numbers, faster, fp32-sized memory")
     e.add_argument("--json", help="write the results as JSON here")
@@ -95,10 +110,10 @@ def _write_json(path: str | None, report: dict) -> None:
 
 
 def cmd_quantize(args, option_names: list[str]) -> dict:
-    from . import quantize, save
     from .bits import bit_report, directory_bytes
     from .data.calibration import calibration_windows
-    from .models import load_model
+    from .models import open_model
+    from .quantize import quantize_and_save
     from .recipes import recipe_config
     from .registry import make_config
 
@@ -112,6 +127,8 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         config = make_config(args.method, **options)
     else:
         raise LlmbinError("give --method or --recipe (e.g. --recipe recipes/pb-llm-10.yaml)")
+    if args.stop_after_blocks is not None and args.stop_after_blocks < 1:
+        raise LlmbinError(f"--stop-after-blocks must be at least 1, got {args.stop_after_blocks}")
     tasks = _task_list(args.eval_tasks) if args.eval_tasks is not None else None
     if tasks is not None:
         from .evaluate.zeroshot import prepare_tasks
@@ -119,30 +136,41 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         prepare_tasks(tasks, limit=args.limit, batch_size=args.eval_batch_size, task_data=args.task_data)
     elif args.limit is not None or args.task_data:
         raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
-    model, tokenizer = load_model(args.model)
-    calibration = calibration_windows(tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
+    opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
+    calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    work_dir = out.parent / f"{out.name}.partial"
-    start = time.perf_counter()
+    start, stats = time.perf_counter(), {}
+    report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),
+              "calibration": info, "dtype": str(opened.dtype).removeprefix("torch."), "streamed": opened.streamed,
+              "device": args.device, "timings": stats}
     try:
-        quantize(model, config, calibration, device=args.device, progress=not args.no_progress,
-                 work_dir=str(work_dir), calibration_info={"model": args.model, **info})
+        model = quantize_and_save(opened, config, calibration, out, device=args.device, progress=not args.no_progress,
+                                  calibration_info={"model": args.model, **info},
+                                  offload_activations=args.offload_activations,
+                                  stop_after_blocks=args.stop_after_blocks, stats=stats)
     except KeyboardInterrupt:
-        raise LlmbinError(f"interrupted; finished blocks are kept in {work_dir}, rerun the same command to resume") from None
+        raise LlmbinError(f"interrupted; finished blocks are kept in {out}.partial, rerun the same command to resume") from None
+    except QuantizationStopped as stop:
+        report.update({"stopped_after_blocks": stop.blocks_done, "quantize_seconds": time.perf_counter() - start,
+                       "peak_rss_mib": _peak_rss_mib()})
+        print(f"stopped after {stop.blocks_done} blocks as asked; they are in {out}.partial, rerun without "
+              f"--stop-after-blocks to continue (peak RSS {report['peak_rss_mib']:.0f} MiB)")
+        return report
     seconds = time.perf_counter() - start
-    save(model, tokenizer, out)
-    shutil.rmtree(work_dir, ignore_errors=True)
     bits = bit_report(model)
-    report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(), "calibration": info,
-              "bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
-              "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()}
+    report.update({"bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
+                   "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()})
     print(f"wrote {out}: {bits['bits_per_weight']:.3f} bits/weight in the quantized layers, "
           f"{report['disk_bytes'] / 2**20:.1f} MiB on disk (fp16: {bits['fp16_bytes'] / 2**20:.1f} MiB), "
           f"{seconds:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB")
     if args.eval_ppl:
-        ppl = _perplexity(model, tokenizer, args.eval_ppl, None, args.eval_seqlen, args.max_windows, args.no_progress)
-        report["ppl_in_memory"] = {args.eval_ppl: ppl}
-        print(f"in-memory {args.eval_ppl} perplexity {ppl:.3f}")
+        if opened.streamed:  # the streamed model was never whole in memory: evaluate the checkpoint it wrote
+            from .checkpoint import load
+
+            model = load(out)
+        ppl = _perplexity(model, opened.tokenizer, args.eval_ppl, None, args.eval_seqlen, args.max_windows, args.no_progress)
+        report["ppl_in_memory" if not opened.streamed else "ppl"] = {args.eval_ppl: ppl}
+        print(f"{'in-memory' if not opened.streamed else 'saved checkpoint'} {args.eval_ppl} perplexity {ppl:.3f}")
     if tasks is not None:
         from transformers import AutoTokenizer
 
@@ -187,7 +215,8 @@ def cmd_eval(args) -> dict:
 
         from .checkpoint import load
 
-        model = load(args.checkpoint)
+        model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
+                     device_map=_device_map(args.device_map), offload_folder=args.offload_folder)
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
         if args.dense_cache:
             for module in model.modules():
@@ -196,7 +225,10 @@ def cmd_eval(args) -> dict:
     else:
         from .models import load_model
 
-        model, tokenizer = load_model(args.model)
+        if args.device_map or args.offload_folder:
+            raise LlmbinError("--device-map and --offload-folder apply to packed checkpoints; for --model use --device")
+        model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
+        model.to(args.device)
     start = time.perf_counter()
     report = {"model": args.checkpoint or args.model, "bits_per_weight": bit_report(model)["bits_per_weight"],
               "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None}
@@ -212,6 +244,27 @@ def cmd_eval(args) -> dict:
                                  args.cache))
     report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
+
+
+def _eval_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    return getattr(torch, name)
+
+
+def _device_map(text: str | None):
+    """``--device-map``: ``auto`` or a JSON object (module name -> device index, name, 'cpu' or 'disk')."""
+    if text is None or text == "auto":
+        return text
+    try:
+        mapping = json.loads(text)
+    except ValueError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise LlmbinError(f"--device-map must be 'auto' or a JSON object such as '{{\"\": \"cuda:0\"}}'; got {text!r}")
+    return mapping
 
 
 def main(argv: list[str] | None = None) -> int:

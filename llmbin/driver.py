@@ -1,24 +1,31 @@
 """The sequential driver: all model plumbing for layer-by-layer quantization lives here.
 
-Capture the first decoder block's inputs, then for each block: accumulate each linear's
-Hessian with hooks, quantize every linear with the method function, install the packed
-layers, and run the *quantized* block to produce the next block's inputs. Only one block's
-activations and Hessians are resident at a time.
+Capture the first decoder block's inputs, then for each block: onload its weights, accumulate
+each linear's Hessian with hooks, quantize every linear with the method function, install the
+packed layers, run the *quantized* block to produce the next block's inputs, and release the
+block. Only one block's weights, Hessians and activations are resident at a time; with a
+streamed model (a meta skeleton plus lazily read shards, see ``placement``) the rest of the
+model is not in memory at all.
+
+Activations live in one buffer (``activations``) in the model's 16-bit dtype: each window's
+slot holds the current block's input and is overwritten by its output.
 """
 from __future__ import annotations
 
-from typing import Callable
+import time
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import activation_store
 from .algorithms.hessian import accumulate_hessian
 from .config import QuantConfig
-from .errors import LlmbinError
+from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers, set_submodule
 from .nn.binary_linear import BinaryLinear
-from .packing.packed_weight import PackedWeight
+from .placement import Placement, tensor_names
 from .registry import method_function
 
 LayerDone = Callable[[int, dict[str, BinaryLinear]], None]
@@ -28,40 +35,76 @@ class _StopForward(Exception):
     pass
 
 
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calibration: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Run the model (where it lies) up to its first decoder block; return each sample's
-    hidden states and the keyword arguments the blocks share (masks, rotary embeddings)."""
-    block = decoder_layers(model)[0]
-    device = model.get_input_embeddings().weight.device
-    inputs, shared = [], {}
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, placement: Placement, *,
+                         dtype: torch.dtype, offload_dir=None, fallback_dir=None, budget: int | None = None):
+    """Run the model up to its first decoder block on the device; return an activation store with
+    each window's hidden states and the keyword arguments the blocks share (masks, rotary embeddings).
+
+    Everything outside the decoder blocks but the output head is onloaded for this pass and
+    released after it."""
+    blocks = decoder_layers(model)
+    prefix = module_name(model, blocks)
+    head = model.get_output_embeddings()
+    skip = [prefix] + ([module_name(model, head)] if head is not None else [])
+    outside = [n for n in tensor_names(model) if not any(n == s or n.startswith(s + ".") for s in skip)]
+    placement.onload(model, outside)
+    store, shared, window = None, {}, 0
 
     def grab(_module, args, kwargs):
+        nonlocal store
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.cpu())
+        if store is None:
+            store = activation_store(len(calibration), tuple(hidden.shape), dtype, offload_dir=offload_dir,
+                                     fallback_dir=fallback_dir, budget=budget)
+        store[window] = hidden
         if not shared:
             shared.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
         raise _StopForward
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for ids in calibration:
+        for window, ids in enumerate(calibration):
             try:
-                model(ids.unsqueeze(0).to(device), use_cache=False)
+                model(ids.unsqueeze(0).to(placement.device), use_cache=False)
             except _StopForward:
                 pass
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     finally:
         handle.remove()
-    return inputs, shared
+        placement.release(model, outside)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # onloading replaced the embedding's Parameter; restore the tie to the head
+    return store, _to_device(shared, placement.device)
 
 
-def _run_block(block, inputs, kwargs, device, keep_outputs: bool = True) -> list[torch.Tensor]:
-    outputs = []
-    for hidden in inputs:
-        out = block(hidden.to(device), **kwargs)
-        if keep_outputs:
-            outputs.append((out[0] if isinstance(out, tuple) else out).cpu())
-    return outputs
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _run_block(block, store, kwargs, device, dtype, write_back: bool) -> None:
+    """Run every window through ``block``; with ``write_back``, each output replaces its input."""
+    for i in range(len(store)):
+        out = block(store[i].to(device=device, dtype=dtype), **kwargs)
+        if write_back:
+            store[i] = out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -71,62 +114,125 @@ def quantize_blocks(
     calibration: torch.Tensor,
     *,
     device: str | torch.device = "cpu",
-    done: dict[int, dict[str, BinaryLinear]] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    done: Mapping[int, dict[str, BinaryLinear]] | None = None,
     on_block_done: LayerDone | None = None,
+    activation_dtype: torch.dtype | None = None,
+    offload_activations=None,
+    fallback_dir=None,
+    activation_budget: int | None = None,
+    stop_after_blocks: int | None = None,
+    stats: dict | None = None,
     progress: bool = True,
 ) -> None:
     """Quantize every linear layer of every decoder block in place.
 
-    ``done`` maps block indices already quantized (e.g. resumed from disk) to their packed
-    layers; they are installed and only run forward. ``on_block_done`` is called after each
-    newly quantized block, so a caller can persist it before the next one starts.
+    ``weights`` (a lazy mapping of state-dict names to stored tensors) makes ``model`` a meta
+    skeleton that is onloaded block by block; each block, packed layers included, goes back to
+    the meta device once done, so ``on_block_done`` must persist it. Without ``weights`` the
+    model is in memory and keeps its packed layers. ``done`` maps block indices already
+    quantized (e.g. resumed from disk) to their packed layers; they are installed and only run
+    forward. Activations are kept in ``activation_dtype`` (default: the model's), in memory or,
+    with ``offload_activations`` (a folder) or past ``activation_budget`` bytes, on disk.
+    With ``stop_after_blocks``, :class:`QuantizationStopped` is raised once that many blocks have
+    been newly quantized (and passed to ``on_block_done``). ``stats`` receives timings:
+    ``capture_seconds`` and ``block_seconds`` (block index -> seconds, newly quantized blocks only).
     """
     method = method_function(config)
+    placement = Placement(device, weights)
     blocks = decoder_layers(model)
+    prefix = module_name(model, blocks)
+    dtype = float_dtype(model)
     done = done or {}
-    inputs, kwargs = capture_block_inputs(model, calibration)
-    kwargs = {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) if torch.is_tensor(v) else v)
-              for k, v in kwargs.items()}
-    bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
-    for index in bar:
-        block = blocks[index].to(device)
-        if index in done:
-            for name, layer in done[index].items():
-                set_submodule(block, name, layer.to(device))
-        else:
-            bar.set_postfix_str("collecting Hessians")
-            packed = _quantize_block(block, inputs, kwargs, method, config, device, index)
-            if on_block_done is not None:
-                on_block_done(index, packed)
-        bar.set_postfix_str("propagating")
-        inputs = _run_block(block, inputs, kwargs, device)
-        blocks[index] = block.to("cpu")
+    stats = {} if stats is None else stats
+    stats["block_seconds"], start = {}, time.perf_counter()
+    store, kwargs = capture_block_inputs(model, calibration, placement, dtype=activation_dtype or dtype,
+                                         offload_dir=offload_activations, fallback_dir=fallback_dir,
+                                         budget=activation_budget)
+    stats["capture_seconds"] = time.perf_counter() - start
+    try:
+        bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
+        for index in bar:
+            start, name = time.perf_counter(), f"{prefix}.{index}"
+            block = placement.onload_module(model, name)
+            if index in done:
+                for layer, module in done[index].items():
+                    set_submodule(block, layer, module.to(placement.device))
+            else:
+                bar.set_postfix_str("collecting Hessians")
+                packed = _quantize_block(block, store, kwargs, method, config, placement.device, dtype, index)
+                if on_block_done is not None:
+                    on_block_done(index, packed)
+            bar.set_postfix_str("propagating")
+            _run_block(block, store, kwargs, placement.device, dtype, write_back=True)
+            placement.release_module(model, name)
+            if index not in done:
+                stats["block_seconds"][index] = time.perf_counter() - start
+                if stop_after_blocks is not None and len(stats["block_seconds"]) >= stop_after_blocks:
+                    raise QuantizationStopped(len(stats["block_seconds"]))
+    finally:
+        store.close()
 
 
-def _quantize_block(block, inputs, kwargs, method, config, device, index) -> dict[str, BinaryLinear]:
-    linears = linear_layers(block)
-    stats = {name: [torch.zeros(m.in_features, m.in_features, device=device), 0] for name, m in linears.items()}
+class _Hessians:
+    """Each linear's ``H = 2/n Σ x xᵀ`` over the calibration windows, accumulated in float32.
+    Linears fed the very same input tensor (q/k/v, gate/up) share one matrix: it is identical,
+    and at 70B the gate/up/down and q/k/v copies would cost gigabytes."""
 
-    def hook(name):
+    def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
+        self.device, self.leader, self.sums = device, {}, {}
+        self._last: tuple[torch.Tensor | None, str | None] = (None, None)
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
         def accumulate(_module, args, _output):
-            stats[name][0], stats[name][1] = accumulate_hessian(stats[name][0], stats[name][1], args[0].float())
+            x = args[0]
+            if name not in self.leader:
+                last_x, last_leader = self._last
+                self.leader[name] = last_leader if x is last_x else name
+            leader = self.leader[name]
+            if leader == name:
+                H, n = self.sums.get(name) or (torch.zeros(x.shape[-1], x.shape[-1], device=self.device), 0)
+                self.sums[name] = accumulate_hessian(H, n, x.float())
+            self._last = (x, leader)
         return accumulate
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        _run_block(block, inputs, kwargs, device, keep_outputs=False)  # only the Hessian hooks matter here
-    finally:
-        for h in handles:
+    def remove_hooks(self) -> None:
+        for h in self.handles:
             h.remove()
-    packed = {}
-    for name, linear in linears.items():
-        W, H = linear.weight.detach(), stats[name][0]
+        self._last = (None, None)
+
+    def pop(self, name: str, columns: int, remaining: list[str]) -> torch.Tensor:
+        """``name``'s Hessian (zero if it never ran); freed here once no linear in ``remaining`` shares it."""
+        leader = self.leader.get(name)
+        if leader is None:
+            return torch.zeros(columns, columns, device=self.device)
+        H = self.sums[leader][0]
+        if not any(self.leader.get(r) == leader for r in remaining):
+            del self.sums[leader]
+        return H
+
+
+def _quantize_block(block, store, kwargs, method, config, device, dtype, index) -> dict[str, BinaryLinear]:
+    linears = linear_layers(block)
+    hessians = _Hessians(linears, device)
+    try:
+        _run_block(block, store, kwargs, device, dtype, write_back=False)  # only the Hessian hooks matter here
+    finally:
+        hessians.remove_hooks()
+    packed, names = {}, list(linears)
+    while names:  # each float weight is dropped as soon as its layer is packed
+        name = names.pop(0)
+        linear = linears.pop(name)
+        H = hessians.pop(name, linear.in_features, names)
+        W = linear.weight.detach()
         if not torch.isfinite(W).all():
             raise LlmbinError(f"block {index} {name} has NaN or infinite weights; the model file is corrupt, re-download it")
         if not torch.isfinite(H).all():
             raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
-        weight: PackedWeight = method(W, H, config)
+        weight = method(W, H, config)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])
+        del linear, W, H, weight
     return packed

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,23 +44,119 @@ def resolve_model(model: str) -> tuple[str, dict]:
     return model, {}
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)``; errors are one line naming the problem and the fix."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
-    source, extra = resolve_model(model)
+
+def compute_dtype(dtype: str | torch.dtype, device: str | torch.device, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype a model is computed in. ``auto``: float32 on the CPU (one block at a time, so
+    cheap, and CPUs have no fast 16-bit matmul); on an accelerator, the checkpoint's own dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.device(device).type == "cpu" or stored not in HALF_DTYPES:
+            return torch.float32
+        return stored
+    if dtype not in DTYPES:
+        raise LlmbinError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def activation_dtype(compute: torch.dtype, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype calibration activations are kept in between blocks: the model's 16-bit dtype
+    (the computed one, else the stored one), float32 only for a float32 model."""
+    if compute in HALF_DTYPES:
+        return compute
+    return stored if stored in HALF_DTYPES else compute
+
+
+@dataclass
+class OpenedModel:
+    """A model ready for the driver: whole in memory (``weights`` None), or a meta-device
+    skeleton whose tensors ``weights`` reads from the safetensors shards on demand."""
+
+    model: nn.Module
+    tokenizer: object
+    weights: Mapping[str, torch.Tensor] | None
+    stored_dtype: torch.dtype | None
+    dtype: torch.dtype
+
+    @property
+    def streamed(self) -> bool:
+        return self.weights is not None
+
+
+@contextmanager
+def _load_errors(model: str):
+    """Loader exceptions as one-line ``LlmbinError``s naming the model and the fix."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        yield
     except OSError as exc:
         raise LlmbinError(
             f"could not load model {model!r}: {str(exc).splitlines()[0]} "
             "(use a hub id while online, a local folder, a .gguf file, or 'smollm2-135m')"
         ) from None
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise LlmbinError(f"model {model!r} is not a supported causal LM: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` whole; errors are one line naming the problem and the fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = resolve_model(model)
+    with _load_errors(model):
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     lm.eval()
     return lm, tokenizer
+
+
+def snapshot_folder(repo_id: str) -> str:
+    """The local snapshot of a hub model (downloaded unless cached): config, tokenizer and safetensors only."""
+    from huggingface_hub import snapshot_download
+
+    with _load_errors(repo_id):
+        try:
+            return snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf",
+                                                               "*.onnx", "original/*"])
+        except Exception as exc:  # huggingface_hub's errors (offline, gated, no such repo) share no base class
+            if isinstance(exc, (OSError, ValueError)):
+                raise
+            raise OSError(str(exc)) from None
+
+
+def open_model(model: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               whole: bool = False) -> OpenedModel:
+    """Open a model for block-by-block work. A Hugging Face folder with safetensors weights (or a
+    hub id, through its downloaded snapshot) becomes an empty skeleton built on the meta device,
+    its weights read block by block in their stored dtype; GGUF files, and folders with only
+    ``.bin`` weights, are loaded whole (they are small models, or need transformers' converters),
+    as is any model with ``whole`` (distillation trains the whole model)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .shards import shard_files
+    from .weights import shard_weights, stored_float_dtype
+
+    source, extra = resolve_model(model)
+    if not extra and not Path(source).exists():
+        source = snapshot_folder(source)
+    files = {} if extra else shard_files(source)
+    stored = stored_float_dtype(files) if files else None
+    dt = compute_dtype(dtype, device, stored)
+    if not files or whole:
+        lm, tokenizer = load_model(source if not extra else model, dt)
+        return OpenedModel(lm, tokenizer, None, stored, dt)
+    with _load_errors(model):
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        with init_empty_weights():
+            lm = AutoModelForCausalLM.from_config(config, dtype=dt)
+    lm.tie_weights()  # from_config leaves an empty model untied
+    lm.eval()
+    decoder_layers(lm)  # an unsupported architecture fails here, before anything is read
+    return OpenedModel(lm, tokenizer, shard_weights(source, lm, files), stored, dt)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -1,20 +1,28 @@
-"""``llmbin.quantize``: quantize a loaded model in place with one method config."""
+"""``llmbin.quantize``: quantize a model with one method config, in memory or streamed from its shards."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from collections import ChainMap
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from . import __version__
 from .bits import bit_report
-from .checkpoint import STORAGE_DTYPE, round_to_storage
+from .checkpoint import round_to_storage, save
 from .config import QuantConfig
 from .distill import deviation_aware_distill
-from .driver import quantize_blocks
+from .driver import float_dtype, module_name, quantize_blocks
 from .errors import LlmbinError
+from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
 from .packing.packed_weight import FORMAT_VERSION
-from .resume import BlockStore
+from .resume import BlockStore, finished_blocks
+from .shards import MAX_SHARD_BYTES
+from .storage import STORAGE_DTYPE
 
 
 def quantize(
@@ -24,33 +32,56 @@ def quantize(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    work_dir: str | None = None,
+    work_dir: str | os.PathLike | None = None,
     calibration_info: dict | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    activations_dtype: torch.dtype | None = None,
+    offload_activations: str | os.PathLike | None = None,
+    activation_budget: int | None = None,
+    stop_after_blocks: int | None = None,
+    stats: dict | None = None,
 ) -> torch.nn.Module:
     """Replace every linear layer in the decoder blocks with a packed ``BinaryLinear``.
 
     ``calibration`` is a ``(nsamples, seqlen)`` tensor of token ids. With ``work_dir``,
     each finished block is saved there and a rerun with the same options resumes.
+    With ``weights`` (from :func:`llmbin.models.open_model`), ``model`` is a meta skeleton whose
+    blocks are read, quantized and released one by one; ``work_dir`` is then required, as the
+    packed blocks exist only there until :func:`quantize_and_save` writes the checkpoint.
     Methods that ask for it (``db-llm --distill``) then distill the scales and norms against a
     copy of the float model taken before quantization. Afterwards the remaining float tensors
     are rounded to the checkpoint's fp16, so the returned model computes exactly what its
     saved checkpoint will (and, like a loaded one, serves its fp32 lm_head from those fp16 values).
+    ``stop_after_blocks`` and ``stats`` are the driver's (:func:`llmbin.driver.quantize_blocks`).
     """
     config.validate()
     if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise LlmbinError("calibration must be a (nsamples, seqlen) LongTensor of token ids; see llmbin.calibration_windows")
+    if weights is not None and work_dir is None:
+        raise LlmbinError("a streamed model needs a work_dir for its finished blocks")
+    if weights is not None and config.wants_distillation():
+        raise LlmbinError("distillation trains the whole model, so it needs the model loaded whole; "
+                          "use llmbin.models.load_model (the CLI does this for --distill)")
+    act_dtype = activations_dtype or float_dtype(model)
     done, on_block_done = {}, None
     if work_dir is not None:
         fingerprint = {"config": config.to_dict(), "calibration": calibration_info or {},
-                       "shape": list(calibration.shape), "checksum": int(calibration.sum())}
+                       "shape": list(calibration.shape), "checksum": int(calibration.sum()),
+                       "dtype": str(float_dtype(model)), "activations": str(act_dtype),
+                       "device": torch.device(device).type}
         store = BlockStore(work_dir, fingerprint)
-        done, on_block_done = store.load(), store.save
+        done, on_block_done = store.finished(), store.save
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}
-    quantize_blocks(model, config, calibration, device=device, done=done, on_block_done=on_block_done, progress=progress)
-    if teacher is not None:
-        losses = deviation_aware_distill(model, teacher.to(device), calibration, epochs=config.distill_epochs,
+    quantize_blocks(model, config, calibration, device=device, weights=weights, done=done, on_block_done=on_block_done,
+                    activation_dtype=act_dtype, offload_activations=offload_activations, fallback_dir=work_dir,
+                    activation_budget=activation_budget, stop_after_blocks=stop_after_blocks, stats=stats,
+                    progress=progress)
+    if teacher is not None:  # both models on the compute device for the distillation, then back where they were
+        home = next(model.parameters()).device
+        losses = deviation_aware_distill(model.to(device), teacher.to(device), calibration, epochs=config.distill_epochs,
                                          lr=config.distill_lr, progress=progress)
         del teacher
+        model.to(home)
         distill_report = {"distill_loss_first": losses[0], "distill_loss_last": losses[-1]}
     round_to_storage(model)
     serve_half_weights(model, STORAGE_DTYPE)  # as load() does, so the two compute alike
@@ -63,4 +94,36 @@ def quantize(
         "bits_per_weight": bit_report(model)["bits_per_weight"],
         **distill_report,
     }
+    return model
+
+
+def quantize_and_save(opened: OpenedModel, config: QuantConfig, calibration: torch.Tensor, out: str | os.PathLike, *,
+                      device: str | torch.device = "cpu", progress: bool = True, calibration_info: dict | None = None,
+                      offload_activations: str | os.PathLike | None = None,
+                      activation_budget: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                      stop_after_blocks: int | None = None, stats: dict | None = None) -> torch.nn.Module:
+    """Quantize an opened model and write its checkpoint to ``out``; finished blocks go to
+    ``OUT.partial/`` as they finish (rerunning resumes), which is removed once ``out`` is complete.
+
+    A streamed model's checkpoint is assembled from those block files and the source shards,
+    one shard at a time; a whole model is saved from memory. Returns the model (a skeleton
+    with packed layers on the meta device when streamed)."""
+    out = Path(out)
+    if out.exists():
+        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
+    work_dir = out.parent / f"{out.name}.partial"
+    model = quantize(opened.model, config, calibration, device=device, progress=progress, work_dir=work_dir,
+                     calibration_info=calibration_info, weights=opened.weights,
+                     activations_dtype=activation_dtype(opened.dtype, opened.stored_dtype),
+                     offload_activations=offload_activations, activation_budget=activation_budget,
+                     stop_after_blocks=stop_after_blocks, stats=stats)
+    sources = None
+    if opened.streamed:
+        from accelerate.utils import OffloadedWeightsLoader
+
+        prefix = module_name(model, decoder_layers(model))
+        packed = OffloadedWeightsLoader(index=finished_blocks(work_dir).tensor_index(prefix))
+        sources = ChainMap(packed, opened.weights)
+    save(model, opened.tokenizer, out, sources=sources, max_shard_bytes=max_shard_bytes)
+    shutil.rmtree(work_dir, ignore_errors=True)
     return model

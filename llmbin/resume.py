@@ -1,13 +1,15 @@
-"""Finished blocks on disk, so an interrupted quantization resumes where it stopped."""
+"""Finished blocks on disk, so an interrupted quantization resumes where it stopped, and the
+checkpoint can be written from them without the packed model ever being in memory whole."""
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .checkpoint import modules_from_tensors, read_tensors, write_tensors
 from .errors import LlmbinError
 from .nn.binary_linear import BinaryLinear
+from .storage import file_layers, layer_metadata, modules_from_tensors, read_tensors, write_tensors
 
 RUN_FILE = "run.json"
 
@@ -25,18 +27,61 @@ class BlockStore:
         run.write_text(json.dumps(fingerprint, sort_keys=True))
 
     def _path(self, index: int) -> Path:
-        return self.dir / f"block_{index:05d}.safetensors"
+        return block_path(self.dir, index)
 
-    def load(self) -> dict[int, dict[str, BinaryLinear]]:
-        done, index = {}, 0
-        while self._path(index).exists():
-            tensors, layers = read_tensors(self._path(index))
-            done[index] = modules_from_tensors(tensors, layers)
-            index += 1
-        return done
+    def finished(self) -> "FinishedBlocks":
+        return finished_blocks(self.dir)
 
     def save(self, index: int, modules: dict[str, BinaryLinear]) -> None:
+        """Persist block ``index``'s packed layers (keyed by their names inside the block)."""
         tensors = {f"{name}.{key}": value for name, m in modules.items() for key, value in m.state_dict().items()}
         tmp = self._path(index).with_suffix(".tmp")
-        write_tensors(tmp, tensors, modules)
+        write_tensors(tmp, tensors, layer_metadata(modules))
         tmp.rename(self._path(index))  # a block file exists only once it is complete
+
+
+def block_path(directory: Path, index: int) -> Path:
+    return Path(directory) / f"block_{index:05d}.safetensors"
+
+
+def finished_blocks(directory: str | os.PathLike) -> "FinishedBlocks":
+    """The finished blocks in ``directory`` (the consecutive run from block 0), each read only when asked for."""
+    count = 0
+    while block_path(directory, count).exists():
+        count += 1
+    return FinishedBlocks([block_path(directory, i) for i in range(count)])
+
+
+class FinishedBlocks(Mapping):
+    """``index -> {layer name in the block: BinaryLinear}``, read lazily."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __getitem__(self, index: int) -> dict[str, BinaryLinear]:
+        if not isinstance(index, int) or not 0 <= index < len(self.paths):
+            raise KeyError(index)
+        tensors, layers = read_tensors(self.paths[index])
+        return modules_from_tensors(tensors, layers)
+
+    def __contains__(self, index) -> bool:
+        return isinstance(index, int) and 0 <= index < len(self.paths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.paths)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def tensor_index(self, block_prefix: str) -> dict[str, dict]:
+        """Full state-dict name -> ``{"safetensors_file", "weight_name"}`` of every stored tensor, for
+        accelerate's ``OffloadedWeightsLoader``; ``block_prefix`` is the decoder list's name."""
+        from safetensors import safe_open
+
+        index = {}
+        for i, path in enumerate(self.paths):
+            file_layers(path)  # a foreign or damaged file fails here, by name
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    index[f"{block_prefix}.{i}.{key}"] = {"safetensors_file": str(path), "weight_name": key}
+        return index

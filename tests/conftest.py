@@ -60,6 +60,16 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_sharded_dir(tmp_path_factory, tokenizer):
+    """The tiny Llama as a 16-bit checkpoint in transformers-style shards (with an index), as big models come."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-sharded"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+    tokenizer.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("model-*.safetensors"))) > 2
+    return path
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(make_text(3000, seed=2))

@@ -129,3 +129,52 @@ def test_every_method_saves_and_loads_bit_identically(method, options, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
     assert bit_report(loaded)["bits_per_weight"] == pytest.approx(bit_report(model)["bits_per_weight"])
+
+
+@pytest.fixture(scope="module")
+def sharded(saved, tmp_path_factory):
+    model, _ = saved
+    out = tmp_path_factory.mktemp("sharded") / "ckpt"
+    llmbin.save(model, None, out, max_shard_bytes=20_000)
+    return model, out
+
+
+def test_sharded_checkpoint_round_trips(sharded):
+    model, out = sharded
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"  # transformers' names
+    packed = set(llmbin.checkpoint.binary_modules(model))
+    described = set()
+    for name in files:
+        with safe_open(str(out / name), "pt") as f:
+            meta = f.metadata()
+            layers = json.loads(meta["layers"])
+            assert meta["format"] == "llmbin-packed"
+            # each shard describes exactly the packed layers that have tensors in it
+            assert set(layers) == {k.rsplit(".", 1)[0] for k in f.keys()} & packed
+            described |= set(layers)
+    assert described == packed
+    loaded = llmbin.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
+    assert bit_report(loaded)["bits_per_weight"] == bit_report(model)["bits_per_weight"]
+
+
+def test_a_missing_shard_gets_a_clear_error(sharded, tmp_path):
+    dst = _copy(sharded[1], tmp_path)
+    next(dst.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(LlmbinError, match="lacks the shard"):
+        llmbin.load(dst)
+
+
+def test_an_index_that_does_not_match_its_shards_gets_a_clear_error(sharded, tmp_path):
+    dst = _copy(sharded[1], tmp_path)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == files[0])
+    index["weight_map"][name] = files[1]
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LlmbinError, match="incomplete"):
+        llmbin.load(dst)

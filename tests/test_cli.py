@@ -113,3 +113,38 @@ def test_quantize_needs_a_method_or_a_recipe(tiny_model_dir, text_file, tmp_path
     err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--recipe", str(tmp_path / "x.yaml"),
                              "--calib-data", str(text_file), "--out", str(tmp_path / "o"), "--no-progress"])
     assert "does not exist" in err
+
+
+def test_sharded_16_bit_folder_with_the_scale_options(tiny_sharded_dir, text_file, tmp_path, capsys):
+    """A bf16 sharded folder streams (reported), --dtype and --offload-activations change nothing
+    in the result, --stop-after-blocks stops and the same run then resumes, eval takes a device map."""
+    args = ["quantize", "--model", str(tiny_sharded_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+            "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["streamed"] and report["dtype"] == "float32" and set(report["timings"]["block_seconds"]) == {"0", "1"}
+    assert main(args + ["--out", str(tmp_path / "b"), "--dtype", "float32", "--offload-activations",
+                        str(tmp_path / "acts"), "--stop-after-blocks", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["stopped_after_blocks"] == 1
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.partial" / "block_00000.safetensors").exists()
+    assert "rerun without --stop-after-blocks" in capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b"), "--offload-activations", str(tmp_path / "acts")]) == 0
+    x = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(llmbin.load(tmp_path / "a")(x).logits, llmbin.load(tmp_path / "b")(x).logits)
+    evaluate = ["eval", str(tmp_path / "a"), "--eval-data", str(text_file), "--seqlen", "32", "--max-windows", "2",
+                "--no-progress", "--json"]
+    assert main(evaluate + [str(tmp_path / "e1.json")]) == 0
+    assert main(evaluate + [str(tmp_path / "e2.json"), "--device-map", '{"": "cpu"}']) == 0
+    ppl = [json.loads((tmp_path / f"e{i}.json").read_text())["ppl"]["wikitext2"] for i in (1, 2)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)  # the device map serves float layers at fp32, not from fp16
+
+
+def test_bad_scale_options_get_one_line_errors(tiny_sharded_dir, text_file, tmp_path, capsys):
+    q = ["quantize", "--model", str(tiny_sharded_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+         "--nsamples", "2", "--seqlen", "32", "--no-progress", "--out", str(tmp_path / "o")]
+    assert "--stop-after-blocks must be at least 1" in _error_of(capsys, q + ["--stop-after-blocks", "0"])
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert "choose another --offload-activations" in _error_of(capsys, q + ["--offload-activations", str(blocked / "x")])
+    assert "--device-map must be 'auto' or a JSON object" in _error_of(capsys, ["eval", str(tmp_path), "--device-map", "gpu0"])

@@ -6,6 +6,7 @@ from llmbin.driver import quantize_blocks
 from llmbin.errors import LlmbinError
 from llmbin.models import decoder_layers
 from llmbin.nn import BinaryLinear
+from llmbin.registry import make_config
 from tests.conftest import tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -60,7 +61,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
         quantize_blocks(tiny_model(), config, CALIB, on_block_done=stop_after_first, progress=False)
     assert (tmp_path / "work" / "block_00000.safetensors").exists()
     assert not (tmp_path / "work" / "block_00001.safetensors").exists()
-    done = store.load()
+    done = store.finished()
     resumed = tiny_model()
     quantize_blocks(resumed, config, CALIB, done=done, on_block_done=store.save, progress=False)
     llmbin.checkpoint.round_to_storage(resumed)
@@ -98,3 +99,56 @@ def test_model_without_decoder_blocks_is_unsupported():
 
     with pytest.raises(LlmbinError, match="unsupported architecture"):
         decoder_layers(Flat())
+
+
+@pytest.mark.parametrize("method", ["pb-llm", "arb-rc"])
+def test_the_driver_runs_with_meta_as_the_default_device(method):
+    """See tests/algorithms/test_device_hygiene.py: a stray factory call would make a meta tensor."""
+    config = make_config(method, blocksize=32)
+    expected = llmbin.quantize(tiny_model(), config, CALIB, progress=False)
+    model = tiny_model()
+    with torch.device("meta"):
+        got = llmbin.quantize(model, config, CALIB, progress=False)
+    assert all(t.device.type == "cpu" for t in got.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(got(CALIB).logits, expected(CALIB).logits)
+
+
+def test_a_streamed_model_has_only_the_current_block_in_memory(tiny_sharded_dir, tmp_path):
+    """Inside block i, every other block's weights are on the meta device, or packed there."""
+    from llmbin.models import open_model
+
+    opened = open_model(str(tiny_sharded_dir))
+    model = opened.model
+    assert all(t.is_meta for t in model.state_dict().values())
+    blocks = decoder_layers(model)
+    seen = []
+
+    def check(index):
+        def hook(_module, _args, _kwargs, _output):  # after the block ran (the capture pass stops before it)
+            for j, block in enumerate(blocks):
+                for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+                    if j != index:
+                        assert tensor.is_meta, (index, j, name)
+                    elif not isinstance(block.get_submodule(name.rpartition(".")[0]), BinaryLinear):
+                        assert not tensor.is_meta, (index, name)
+            assert model.get_input_embeddings().weight.is_meta and model.get_output_embeddings().weight.is_meta
+            seen.append(index)
+        return hook
+
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(check(i), with_kwargs=True)
+    llmbin.quantize(model, llmbin.PBLLMConfig(), CALIB, weights=opened.weights, work_dir=tmp_path / "work",
+                    progress=False)
+    assert sorted(set(seen)) == [0, 1]  # each block ran (Hessian pass and propagation) while checked
+    assert sum(isinstance(m, BinaryLinear) for m in model.modules()) == 14
+    assert all(t.is_meta for t in model.state_dict().values())  # released: the blocks are on disk only
+    assert len(list((tmp_path / "work").glob("block_*.safetensors"))) == 2
+
+
+def test_a_streamed_model_without_a_work_dir_is_refused(tiny_sharded_dir):
+    from llmbin.models import open_model
+
+    opened = open_model(str(tiny_sharded_dir))
+    with pytest.raises(LlmbinError, match="work_dir"):
+        llmbin.quantize(opened.model, llmbin.PBLLMConfig(), CALIB, weights=opened.weights, progress=False)

@@ -19,3 +19,95 @@ def test_gguf_files_and_the_bundled_alias(tmp_path):
 def test_missing_models(arg, match):
     with pytest.raises(LlmbinError, match=match):
         resolve_model(arg)
+
+
+def test_a_safetensors_folder_opens_as_an_empty_skeleton(tiny_sharded_dir):
+    import torch
+
+    from llmbin.models import open_model
+
+    opened = open_model(str(tiny_sharded_dir))
+    assert opened.streamed and opened.dtype == torch.float32 and opened.stored_dtype == torch.bfloat16
+    assert all(t.is_meta for t in opened.model.state_dict().values())
+    assert opened.model.lm_head.weight is opened.model.model.embed_tokens.weight  # tied, as from_pretrained ties
+    assert set(opened.weights) == set(opened.model.state_dict())
+    stored = opened.weights["model.layers.1.mlp.down_proj.weight"]
+    assert stored.dtype == torch.bfloat16 and stored.shape == (64, 96)  # read as stored, only when asked for
+
+
+def test_dtype_defaults():
+    import torch
+
+    from llmbin.models import activation_dtype, compute_dtype
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert compute_dtype("auto", "cpu", bf16) == fp32
+    assert compute_dtype("auto", "cuda", bf16) == bf16 and compute_dtype("auto", "cuda:1", fp16) == fp16
+    assert compute_dtype("auto", "cuda", fp32) == fp32 and compute_dtype("auto", "cuda", None) == fp32
+    assert compute_dtype("float16", "cpu", bf16) == fp16
+    with pytest.raises(LlmbinError, match="--dtype must be one of"):
+        compute_dtype("int8", "cpu", bf16)
+    assert activation_dtype(fp32, bf16) == bf16 and activation_dtype(fp16, bf16) == fp16
+    assert activation_dtype(fp32, fp32) == fp32 and activation_dtype(fp32, None) == fp32
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_missing_or_foreign_tensor_is_an_error_before_any_work(tiny_sharded_dir, tmp_path):
+    import json
+
+    from llmbin.models import open_model
+
+    folder = _copy(tiny_sharded_dir, tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LlmbinError, match="no stored tensor for model.layers.1.mlp.up_proj.weight"):
+        open_model(str(folder))
+    next(folder.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(LlmbinError, match="lacks the shard"):
+        open_model(str(folder))
+
+
+def test_weights_of_the_wrong_shape_are_a_clear_error(tiny_sharded_dir, tmp_path, tokenizer):
+    import json
+
+    import torch
+
+    import llmbin
+    from llmbin.models import open_model
+
+    folder = _copy(tiny_sharded_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 80  # the shards hold 96
+    (folder / "config.json").write_text(json.dumps(config))
+    opened = open_model(str(folder))
+    calibration = torch.randint(0, 300, (2, 16))
+    with pytest.raises(LlmbinError, match="mlp.gate_proj.weight.*do not match config.json"):
+        llmbin.quantize(opened.model, llmbin.PBLLMConfig(), calibration, weights=opened.weights,
+                        work_dir=tmp_path / "w", progress=False)
+
+
+def test_a_hub_id_streams_from_its_downloaded_snapshot(tiny_sharded_dir, tmp_path, monkeypatch):
+    """Offline here, so the snapshot is put in a hub cache by hand, as huggingface_hub lays it out."""
+    import huggingface_hub.constants
+
+    from llmbin.models import open_model
+
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _copy(tiny_sharded_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    opened = open_model("someone/tiny-llama")
+    assert opened.streamed
+    assert opened.weights.index["model.norm.weight"]["safetensors_file"].startswith(str(repo / "snapshots" / commit))
+    with pytest.raises(LlmbinError, match="could not load model 'someone/absent'"):
+        open_model("someone/absent")

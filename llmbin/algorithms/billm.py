@@ -36,11 +36,11 @@ def salient_column_count(W: torch.Tensor, order: torch.Tensor, max_columns: int)
     """BiLLM's structural search: the count of top-ranked columns whose two-plane residual code
     (with the rest also coded with two planes, the reference's fast proxy) has least error."""
     b = W.shape[1]
-    counts = torch.arange(1, min(max_columns, b - 1) + 1)
+    counts = torch.arange(1, min(max_columns, b - 1) + 1, device=W.device)
     if counts.numel() == 0:
         return 0
-    rank = torch.empty(b, dtype=torch.long)
-    rank[order] = torch.arange(b)
+    rank = torch.empty(b, dtype=torch.long, device=W.device)
+    rank[order] = torch.arange(b, device=W.device)
     salient = rank[None, None, :] < counts[:, None, None]  # (C, 1, b)
     _, _, r_s = residual_fit(W, salient, 2)
     _, _, r_n = residual_fit(W, ~salient, 2)
@@ -54,8 +54,8 @@ def split_point(W: torch.Tensor, ordinary: torch.Tensor, points: int) -> torch.T
     absw = W.abs()
     values = absw[ordinary.expand_as(W)]
     if values.numel() == 0:
-        return torch.tensor(0.0)
-    q = torch.linspace(0.1, 0.9, points) if points > 1 else torch.tensor([0.5])
+        return W.new_zeros(())
+    q = torch.linspace(0.1, 0.9, points, device=W.device) if points > 1 else W.new_tensor([0.5])
     thresholds = torch.quantile(values.float()[: 2**24], q.to(torch.float32)).to(W.dtype)
     low = ordinary & (absw[None] <= thresholds[:, None, None])
     high = ordinary & (absw[None] > thresholds[:, None, None])
@@ -84,7 +84,7 @@ def rc_fit(W: torch.Tensor, keep: torch.Tensor, P: int, iters: int) -> tuple[tor
         b = (r.abs() / a.clamp_min(1e-12)[:, None] * k).sum(0) / k.sum(0).clamp_min(1)
         r = r - a[:, None] * b[None] * s * k
         alphas, betas, signs = alphas + [a], betas + [b], signs + [s]
-    patterns = sign_patterns(P, W.dtype)
+    patterns = sign_patterns(P, W.dtype, W.device)
     for _ in range(iters):
         for p in range(P):
             target = (W - sum(alphas[q][:, None] * betas[q][None] * signs[q] for q in range(P) if q != p)) * k
@@ -106,14 +106,14 @@ def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig) -> d
     and, for ARB-RC, column scales ``β (4, b)``; all rounded to what the checkpoint stores."""
     order = torch.argsort(saliency, descending=True)
     count = salient_column_count(W, order, config.max_salient_columns)
-    salient = torch.zeros(W.shape[1], dtype=torch.bool)
+    salient = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
     salient[order[:count]] = True
     ordinary = ~salient[None, :]
     threshold = split_point(W, ordinary, config.split_points)
     masks = {CONC: ordinary & (W.abs() <= threshold), SPARSE: ordinary & (W.abs() > threshold),
              SALIENT: salient[None, :].expand_as(W)}
     N, b = W.shape
-    mu, alpha, beta = torch.zeros(3, N), torch.zeros(4, N), torch.ones(4, b)
+    mu, alpha, beta = W.new_zeros(3, N), W.new_zeros(4, N), W.new_ones(4, b)
     for c, keep in masks.items():
         planes = 2 if c == SALIENT else 1
         slots = [t for t, (_, cls) in enumerate(TERMS) if cls == c]
@@ -141,9 +141,9 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> Pac
     bs = config.blocksize
     G = -(-K // bs)
     udiag = torch.diag(U)
-    salient = torch.zeros(K, dtype=torch.bool)
-    mu, alpha, beta = torch.zeros(3, N, G), torch.zeros(4, N, G), torch.ones(4, K)
-    bits = torch.zeros(2, N, K, dtype=torch.bool)
+    salient = torch.zeros(K, dtype=torch.bool, device=W.device)
+    mu, alpha, beta = W.new_zeros(3, N, G), W.new_zeros(4, N, G), W.new_ones(4, K)
+    bits = torch.zeros(2, N, K, dtype=torch.bool, device=W.device)
     current = {}
 
     def begin_block(W1: torch.Tensor, start: int) -> None:
@@ -154,7 +154,7 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> Pac
         salient[cols], mu[:, :, g], alpha[:, :, g], beta[:, cols] = fit["salient"], fit["mu"], fit["alpha"], fit["beta"]
         current.update(fit, start=start)
 
-    patterns = sign_patterns(2)  # (4, 2): rows are (s_plane0, s_plane1)
+    patterns = sign_patterns(2, W.dtype, W.device)  # (4, 2): rows are (s_plane0, s_plane1)
 
     def quantize_column(w: torch.Tensor, j: int) -> torch.Tensor:
         jj = j - current["start"]

@@ -23,8 +23,8 @@ def reconstruct_levels(W: torch.Tensor, U: torch.Tensor, planes: int, group_size
     N, K = W.shape
     gs = group_size or K
     G = -(-K // gs)
-    mu, alpha = torch.zeros(N, G), torch.zeros(planes, N, G)
-    bits = torch.zeros(planes, N, K, dtype=torch.bool)
+    mu, alpha = W.new_zeros(N, G), W.new_zeros(planes, N, G)
+    bits = torch.zeros(planes, N, K, dtype=torch.bool, device=W.device)
 
     def begin_block(W1: torch.Tensor, start: int) -> None:
         g = start // gs

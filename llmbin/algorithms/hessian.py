@@ -38,7 +38,9 @@ def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
         Hinv = torch.cholesky_inverse(L)
+        del L  # K×K each: at K = 28672 (70B down_proj) every copy is 3.3 GB
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
     if info.item() != 0:
         raise LlmbinError(
             "the layer Hessian is not positive definite; raise --percdamp (e.g. 0.1) or use more calibration samples"

@@ -38,20 +38,37 @@ def symmetric_scale(W: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Ten
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+REFIT_CHUNK_BYTES = 256 << 20  # float64 working set of one refit chunk
+
+
 def refit_binary_scales(W, H, binarized, upper, fixed_part):
     """Per-row ``(μ, α)`` minimising the Hessian-weighted error ``eᵀHe`` with the signs fixed.
 
     ``e = W − fixed_part − (μ·u + α·v)`` where ``u`` marks binarized entries and
     ``v = ±1`` on them. A 2×2 normal system per row; rows where it is singular keep nothing
     and return NaN, which the caller treats as "keep the old values".
+
+    The sums are formed in float64 over chunks of rows and of ``H``'s columns, so the working
+    set stays near ``REFIT_CHUNK_BYTES`` (a float64 copy of a 70B down_proj's ``H`` alone
+    would be 6.6 GB); a matrix that fits one chunk is summed in a single pass.
     """
-    W, H = W.double(), H.double()
-    u = binarized.double()
-    v = torch.where(upper, 1.0, -1.0).double() * u
-    t = W - fixed_part.double()
-    Hu, Hv = u @ H, v @ H
-    a11, a12, a22 = (u * Hu).sum(1), (u * Hv).sum(1), (v * Hv).sum(1)
-    b1, b2 = (Hu * t).sum(1), (Hv * t).sum(1)
+    N, K = W.shape
+    cols = max(1, REFIT_CHUNK_BYTES // (8 * K))
+    rows = max(1, REFIT_CHUNK_BYTES // (3 * 8 * K))
+    sums = torch.zeros(5, N, dtype=torch.float64, device=W.device)  # a11, a12, a22, b1, b2
+    for c0 in range(0, K, cols):
+        c1 = min(K, c0 + cols)
+        Hc = H[:, c0:c1].double()
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            u = binarized[r0:r1].double()
+            v = torch.where(upper[r0:r1], 1.0, -1.0).double() * u
+            t = W[r0:r1].double() - fixed_part[r0:r1].double()
+            Hu, Hv = u @ Hc, v @ Hc
+            uc, vc, tc = u[:, c0:c1], v[:, c0:c1], t[:, c0:c1]
+            sums[:, r0:r1] += torch.stack(((uc * Hu).sum(1), (uc * Hv).sum(1), (vc * Hv).sum(1),
+                                           (Hu * tc).sum(1), (Hv * tc).sum(1)))
+    a11, a12, a22, b1, b2 = sums
     det = a11 * a22 - a12 * a12
     ok = det > 1e-12 * (a11 * a22).abs().clamp_min(1e-300)
     det = torch.where(ok, det, torch.ones_like(det))
@@ -78,7 +95,7 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
 
     Q = gptq_reconstruct(W, U, quantize_column, config.blocksize)
     upper = Q > mu[:, None]  # the binary choice each weight took
-    ints = torch.round(Q / sigma[:, None]).to(torch.int64)
+    ints = torch.round(Q / sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
     if config.refit_scales and config.salient_frac < 1:
         new_mu, new_alpha = refit_binary_scales(W, H, ~mask, upper, torch.where(mask, Q, 0.0))
         keep = torch.isnan(new_mu) | torch.isnan(new_alpha)

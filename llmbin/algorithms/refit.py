@@ -24,7 +24,7 @@ def _bases(pw: PackedWeight) -> torch.Tensor:
     bits = unpack_bits(pw.planes, K)
     signs = bits.double() * 2 - 1
     cls = pw.classes(bits)
-    free = torch.ones(N, K, dtype=torch.float64)
+    free = torch.ones(N, K, dtype=torch.float64, device=pw.planes.device)
     if pw.salient is not None:
         s = pw.salient
         free.view(-1)[decode_positions(s.encoding, s.positions, pw.shape)] = 0.0
@@ -46,7 +46,7 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
     gs, T = pw.group_size, pw.alpha.shape[0]
     bases = _bases(pw)
     G = -(-K // gs)
-    params = torch.cat([pw.alpha.double(), pw.mu.double() if pw.mu is not None else torch.zeros(0, N, G).double()])
+    params = torch.cat([pw.alpha.double(), pw.mu.double() if pw.mu is not None else W.new_zeros(0, N, G)])
     original = pw.decode(torch.float64)
     R = W - original
     HR = R @ H
@@ -58,7 +58,7 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
             M = AtH @ A
             rhs = torch.einsum("nks,nk->ns", A, HR[:, cols])
             ridge = 1e-9 * M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-            M = M + ridge[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype)
+            M = M + ridge[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
             delta = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
             delta = torch.where(torch.isfinite(delta), delta, 0.0)
             params[:, :, g] += delta.t()

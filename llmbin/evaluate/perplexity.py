@@ -19,7 +19,8 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         windows = min(windows, max_windows)
     if windows == 0:
         raise LlmbinError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
-    device = next(model.parameters()).device
+    weight = model.get_input_embeddings().weight
+    device = weight.device if not weight.is_meta else "cpu"  # a dispatched model's hooks move inputs
     total = 0.0
     for i in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         ids = token_ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)

@@ -49,29 +49,46 @@ class HalfWeightEmbedding(nn.Embedding):
         return super()._apply(fn, recurse)
 
 
+def _narrow(weight: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor | None:
+    """``weight`` in ``storage_dtype`` if that holds it exactly (no copy if it already is), else None."""
+    if weight.dtype == storage_dtype:
+        return weight.detach()
+    half = weight.detach().to(storage_dtype)
+    return half if torch.equal(half.to(weight.dtype), weight) else None
+
+
 @torch.no_grad()
 def serve_half_weights(model: nn.Module, storage_dtype: torch.dtype) -> int:
-    """Swap every plain fp32 ``nn.Linear`` on the CPU (and a plain embedding tied to it) for its
-    16-bit form.
-
-    Meant for weights whose values came from ``storage_dtype`` (a checkpoint just loaded, or a
-    quantized model rounded to it); a layer that would not narrow exactly is left as it is.
-    Returns the number of layers swapped."""
+    """Serve every plain ``nn.Linear`` and ``nn.Embedding`` of an fp32 model on the CPU from 16-bit
+    weights: swapped for ``HalfWeightLinear`` / ``HalfWeightEmbedding`` (a tied pair shares one
+    Parameter). A weight may already be in ``storage_dtype`` (a checkpoint just read) or be fp32
+    holding such values (a quantized model rounded to them); one that would not narrow exactly
+    stays fp32. Returns the number of modules swapped."""
     from ..models import set_submodule  # models imports this package
 
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or not module.weight.is_cpu:
+    swapped, served = 0, {}
+    modules = list(model.named_modules())
+    for name, module in modules:
+        if type(module) is not nn.Linear or not module.weight.is_cpu or module.weight.dtype not in (torch.float32, storage_dtype):
             continue
-        half = module.weight.to(storage_dtype)
-        if not torch.equal(half.to(torch.float32), module.weight):
+        half = _narrow(module.weight, storage_dtype)
+        if half is None:
             continue
-        layer = HalfWeightLinear(half, None if module.bias is None else module.bias.detach())
-        for emb_name, emb in list(model.named_modules()):
-            if type(emb) is nn.Embedding and emb.weight is module.weight and emb.max_norm is None:
-                tied = HalfWeightEmbedding(half, emb.padding_idx, torch.float32)
-                tied.weight = layer.weight  # one Parameter, as the tie had
-                set_submodule(model, emb_name, tied)
+        layer = HalfWeightLinear(half, None if module.bias is None else module.bias.detach().float())
+        served[id(module.weight)] = layer.weight
         set_submodule(model, name, layer)
+        swapped += 1
+    for name, module in modules:
+        if type(module) is not nn.Embedding or not module.weight.is_cpu or module.max_norm is not None:
+            continue
+        shared = served.get(id(module.weight))
+        half = shared if shared is not None else _narrow(module.weight, storage_dtype)
+        if half is None:
+            module.weight.data = module.weight.data.float()
+            continue
+        emb = HalfWeightEmbedding(half, module.padding_idx, torch.float32)
+        if shared is not None:
+            emb.weight = shared  # one Parameter, as the tie had
+        set_submodule(model, name, emb)
         swapped += 1
     return swapped

@@ -27,7 +27,7 @@ def encode_nibble_gaps(positions: torch.Tensor) -> torch.Tensor:
     escapes = (gaps - 1) // _MAX_GAP
     finals = gaps - escapes * _MAX_GAP
     counts = escapes + 1
-    codes = torch.zeros(int(counts.sum()), dtype=torch.uint8)
+    codes = torch.zeros(int(counts.sum()), dtype=torch.uint8, device=positions.device)
     codes[torch.cumsum(counts, 0) - 1] = finals.to(torch.uint8)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])  # a trailing escape marks nothing

@@ -24,10 +24,13 @@ def test_quantized_and_loaded_models_serve_the_lm_head_from_fp16(ext, quantized)
     for m in (model, llmbin.load(out)):
         assert type(m.lm_head) is HalfWeightLinear and m.lm_head.weight.dtype == torch.float16
         emb = m.get_input_embeddings()
+        assert type(emb) is HalfWeightEmbedding and emb.weight.dtype == torch.float16
         if kind == "llama":  # the tie survives: one fp16 Parameter for both
-            assert type(emb) is HalfWeightEmbedding and emb.weight is m.lm_head.weight
-        else:
-            assert type(emb) is torch.nn.Embedding and emb.weight.dtype == torch.float32
+            assert emb.weight is m.lm_head.weight
+        else:  # an untied embedding is served from fp16 too (for a 7B model that halves 0.5 GB)
+            assert emb.weight is not m.lm_head.weight
+            with torch.no_grad():
+                assert emb(ONE_TOKEN).dtype == torch.float32
 
 
 def test_decode_logits_equal_the_fp32_product_and_survive_save_and_load(ext, quantized):
@@ -59,11 +62,14 @@ def test_casting_the_model_casts_the_embedding_output(ext, quantized):
 
 
 def test_a_weight_that_fp16_would_round_is_left_in_fp32():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2), torch.nn.Embedding(5, 3),
+                                torch.nn.Embedding(5, 3))
     with torch.no_grad():
         model[1].weight.copy_(model[1].weight.half().float())  # exactly fp16; model[0] is not
-    assert serve_half_weights(model, torch.float16) == 1
+        model[3].weight.copy_(model[3].weight.half().float())
+    assert serve_half_weights(model, torch.float16) == 2
     assert type(model[0]) is torch.nn.Linear and type(model[1]) is HalfWeightLinear
+    assert type(model[2]) is torch.nn.Embedding and type(model[3]) is HalfWeightEmbedding
 
 
 @pytest.mark.parametrize("batch", [1, 64])  # the C++ matrix-vector kernel, then bands + GEMM

@@ -1,0 +1,87 @@
+"""The safetensors layout of a Hugging Face folder: one ``model.safetensors``, or shards named
+``model-00001-of-0000N.safetensors`` listed by ``model.safetensors.index.json``.
+
+Reading resolves tensor names to files (for source models and llmbin checkpoints alike).
+Writing splits tensors with huggingface_hub's ``split_torch_state_dict_into_shards``, the
+function transformers' ``save_pretrained`` uses (same names, same index, same 5 GB cap), and
+writes one shard at a time, each tensor fetched only when its shard is written.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import LlmbinError
+from .storage import write_tensors
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
+
+
+def shard_files(folder: str | Path) -> dict[str, Path]:
+    """Stored tensor name -> file, from the index or the single ``model.safetensors``; empty when
+    the folder has no safetensors weights. A listed shard that is missing is an error."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: folder / file for name, file in weight_map.items()}
+            absent = sorted({p.name for p in files.values() if not p.is_file()})
+            if absent:
+                raise LlmbinError(f"{folder} lacks the shard(s) {', '.join(absent[:3])} its {SAFETENSORS_INDEX} lists; "
+                                  "copy or download the whole folder again")
+            return files
+        single = folder / SAFETENSORS_FILE
+        if single.is_file():
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise LlmbinError(f"the safetensors weights in {folder} are truncated or corrupt ({exc}); "
+                         "copy or download them again, or re-create the checkpoint") from None
+    return {}
+
+
+def by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
+    grouped: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        grouped.setdefault(file, []).append(name)
+    return grouped
+
+
+def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Callable[[str], torch.Tensor],
+                  layers: Mapping[str, dict], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write tensors as transformers would shard them, one shard resident at a time.
+
+    ``shapes`` maps each name, in order, to a tensor with its stored shape and dtype (a meta
+    tensor will do); ``fetch(name)`` returns the tensor itself. Each shard's header describes
+    the packed ``layers`` that have tensors in it."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(dict(shapes), filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    owner = {name: name.rpartition(".")[0] for name in shapes if name.rpartition(".")[0] in layers}
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        tensors = {}
+        for name in names:
+            tensors[name] = fetch(name)
+            expected = shapes[name]
+            if tensors[name].dtype != expected.dtype or tensors[name].shape != expected.shape:
+                raise LlmbinError(f"{name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, expected "
+                                  f"{tuple(expected.shape)} {expected.dtype}; the finished blocks are damaged, "
+                                  "delete the .partial folder and rerun")
+        in_shard = {owner[n] for n in names if n in owner}
+        write_tensors(folder / filename, tensors, {layer: layers[layer] for layer in layers if layer in in_shard})
+        del tensors
+        written.append(folder / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return written
+

@@ -1,0 +1,87 @@
+"""One safetensors file of packed tensors: the storage dtype, and writing/reading a file with its layer description.
+
+Every file llmbin writes (a checkpoint shard, a finished block of an interrupted run) holds
+tensors under their module names and, in its header metadata, the format name, the format
+version and ``layers``: a JSON description (``PackedWeight.metadata()``) of every packed layer
+whose tensors are in that file. Nothing about the format is encoded in file names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import LlmbinError
+from .nn.binary_linear import BinaryLinear
+from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
+
+FORMAT_NAME = "llmbin-packed"
+STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (embeddings, norms, scales)
+
+
+def as_stored(value: torch.Tensor) -> torch.Tensor:
+    """A tensor as the checkpoint stores it: floats in ``STORAGE_DTYPE``, packed codes as they are."""
+    return value.to(STORAGE_DTYPE) if value.is_floating_point() else value
+
+
+def layer_metadata(modules: dict[str, BinaryLinear]) -> dict[str, dict]:
+    return {name: m.layout for name, m in modules.items()}
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
+    """Write ``tensors`` (on any device) plus the description of the packed ``layers`` among them."""
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def file_layers(path: Path) -> dict[str, dict]:
+    """The packed-layer description in a file's header; foreign, corrupt or too-new files raise ``LlmbinError``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise LlmbinError(f"{path} is not an llmbin packed checkpoint; create one with llmbin quantize")
+    if metadata.get("format_version") not in {str(v) for v in READABLE_VERSIONS}:
+        raise LlmbinError(
+            f"{path} uses packed format version {metadata.get('format_version')}, this llmbin reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-quantize"
+        )
+    try:
+        return json.loads(metadata["layers"])
+    except (KeyError, ValueError):
+        raise LlmbinError(f"{path} has a damaged layer description; re-create the checkpoint") from None
+
+
+def read_tensors(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Read a file written by :func:`write_tensors` (only ``names`` if given). Tensors are memory-mapped
+    by safetensors: what is resident is what gets used."""
+    layers = file_layers(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            missing = sorted(set(names or ()) - set(keys))
+            if missing:
+                raise LlmbinError(f"{path} lacks {', '.join(missing[:3])}; the checkpoint is incomplete, re-create it")
+            tensors = {k: f.get_tensor(k) for k in (keys if names is None else names)}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
+    return tensors, layers
+
+
+def modules_from_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, BinaryLinear]:
+    """Build ``BinaryLinear`` modules, consuming their tensors from ``tensors``."""
+    modules = {}
+    for name, meta in layers.items():
+        try:
+            packed = PackedWeight.from_tensors(tensors, name, meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise LlmbinError(f"checkpoint layer {name} is damaged ({exc}); re-create the checkpoint") from None
+        for key in packed.tensors(name):
+            del tensors[key]
+        modules[name] = BinaryLinear(packed, tensors.pop(f"{name}.bias", None))
+    return modules
