@@ -1,9 +1,11 @@
 // Packed-bit matmul on x86-64 CPUs: y = x @ Ŵᵀ for a KernelPlan (see kernels/plan.py).
 //
 // Ŵ is a sum of bit products: y[b, r] = Σ_k Σ_g coef[k, r, g] · Σ_{c∈g} xv[var_k, c] · bits_k[r, c]
-// plus constant products (row-independent group sums) and a CSR list of salient corrections
-// (salient weight minus the formula there): fp32 deltas, or, in PB-LLM's layout, uint8
-// magnitudes with a (scale, base) per row and bit (3 bytes per salient weight, not 6).
+// plus constant products (row-independent group sums) and salient corrections (salient weight
+// minus the formula there): a CSR list of fp32 deltas, or, in PB-LLM's layout, uint8 magnitudes
+// with a (scale, base) per row and bit (3 bytes per salient weight, not 6), or that layout read
+// straight from the checkpoint's own streams (nibble-gap positions, magnitude bit planes) through
+// a per-row index: slower per entry, but no copy of the salient part at all.
 // Bits are read as little-endian uint64 words (bit i of word w is column 64·w + i), the
 // checkpoint's own layout, so planes are used in place.
 //
@@ -49,7 +51,11 @@ struct Plan {
   const void* scol;        // int16 or int32 (S)
   const float* sval;       // (S) fp32 deltas, or null for codes
   const uint8_t* scode;    // (S) magnitudes (codes form), or null
-  const float* srow;       // (N, 4) codes form: (scale, base) of each row's b = 1 part, then b = 0 part
+  const float* srow;       // (N, 4) codes and stream forms: (scale, base) of each row's b = 1 part, then b = 0 part
+  const uint8_t* sstream;  // stream form: nibble-gap codes, two per byte (low first); rowptr is (N, 3)
+  int64_t ncodes;
+  const uint8_t* smag;     // stream form: magnitude bit planes (mbits, mbytes)
+  int64_t mbits, mbytes;
   float (*salient_sum)(const struct Plan&, const float*, int64_t);
   void (*salient_write)(const struct Plan&, int64_t, float*);
   int nplanes[MAX_FAST_PRODUCTS];  // plane lists of the bit products the SIMD paths serve
@@ -147,6 +153,40 @@ void salient_write_codes(const Plan& p, int64_t r, float* row) {
     for (int64_t e = p.rowptr[2 * r + part]; e < p.rowptr[2 * r + part + 1]; ++e)
       row[col[e]] += scale * (float)p.scode[e] + base;
   }
+}
+
+// Stream form: row r's salient weights decoded from the checkpoint's streams. rowptr holds, per
+// row, the first code whose position reaches the row, the position before it and the number of
+// marks before it (the row's first magnitude). Code c in 1..15 advances c and marks; 0 advances 15.
+template <typename Visit>
+inline void for_each_stream_entry(const Plan& p, int64_t r, Visit visit) {
+  const int64_t* ix = p.rowptr + 3 * r;
+  int64_t i = ix[0], pos = ix[1], s = ix[2];
+  const int64_t start = r * p.K, end = start + p.K;
+  const uint64_t* bits = p.planes + r * p.W64;  // plane 0: the salient sign
+  const float* rc = p.srow + 4 * r;
+  for (; i < p.ncodes; ++i) {
+    const int code = (p.sstream[i >> 1] >> ((i & 1) * 4)) & 15;
+    pos += code ? code : 15;
+    if (pos >= end) break;
+    if (!code) continue;
+    const int64_t c = pos - start;
+    int m = 0;
+    for (int64_t q = 0; q < p.mbits; ++q) m |= ((p.smag[q * p.mbytes + (s >> 3)] >> (s & 7)) & 1) << q;
+    ++s;
+    const int part = (bits[c >> 6] >> (c & 63) & 1) ? 0 : 2;
+    visit(c, rc[part] * (float)m + rc[part + 1]);
+  }
+}
+
+float salient_sum_stream(const Plan& p, const float* x, int64_t r) {
+  float total = 0.f;
+  for_each_stream_entry(p, r, [&](int64_t c, float delta) { total += delta * x[c]; });
+  return total;
+}
+
+void salient_write_stream(const Plan& p, int64_t r, float* row) {
+  for_each_stream_entry(p, r, [&](int64_t c, float delta) { row[c] += delta; });
 }
 
 // Row-independent part of one row: constant products and salient corrections.
@@ -464,7 +504,31 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tens
   p.sval = nullptr;
   p.scode = nullptr;
   p.srow = nullptr;
-  if (rowptr.numel()) {
+  p.sstream = nullptr;
+  p.smag = nullptr;
+  if (rowptr.dim() == 2) {  // stream form: scol is the nibble stream, sval the magnitude planes
+    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.is_contiguous() && rowptr.size(0) == p.N && rowptr.size(1) == 3,
+                "sal_rowptr: int64 (N, 3) row index in the stream form");
+    TORCH_CHECK(scol.dtype() == at::kByte && scol.dim() == 1 && scol.is_contiguous(), "sal_col: uint8 nibble stream");
+    TORCH_CHECK(sval.dtype() == at::kByte && sval.dim() == 2 && sval.is_contiguous() && sval.size(0) <= 8,
+                "sal_val: uint8 magnitude planes (bits, bytes)");
+    TORCH_CHECK(srow.dtype() == at::kFloat && srow.is_contiguous() && srow.dim() == 2 && srow.size(0) == p.N &&
+                srow.size(1) == 4, "sal_row: contiguous float32 (N, 4)");
+    TORCH_CHECK(p.P >= 1 && p.K <= p.Kpad, "the stream form needs plane 0");
+    p.rowptr = rowptr.data_ptr<int64_t>();
+    p.sstream = scol.data_ptr<uint8_t>();
+    p.ncodes = 2 * scol.numel();
+    p.smag = sval.data_ptr<uint8_t>();
+    p.mbits = sval.size(0);
+    p.mbytes = sval.size(1);
+    p.srow = srow.data_ptr<float>();
+    // The index is trusted like the list columns below, but must stay inside the streams.
+    for (int64_t r = 0; r < p.N; ++r)
+      TORCH_CHECK(p.rowptr[3 * r] >= 0 && p.rowptr[3 * r] <= p.ncodes && p.rowptr[3 * r + 2] >= 0 &&
+                  p.rowptr[3 * r + 2] <= p.mbytes * 8, "sal_rowptr points outside the salient streams");
+    p.salient_sum = salient_sum_stream;
+    p.salient_write = salient_write_stream;
+  } else if (rowptr.numel()) {
     const bool codes = srow.numel() > 0, c16 = scol.dtype() == at::kShort;
     const int64_t lists = codes ? 2 * p.N : p.N;
     TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.is_contiguous() && rowptr.numel() == lists + 1,

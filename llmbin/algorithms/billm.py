@@ -24,7 +24,7 @@ from ..config import ARBRCConfig, ARBXConfig, BiLLMConfig
 from ..packing.packed_weight import PackedWeight
 from ..registry import register_method
 from .gptq import gptq_reconstruct
-from .hessian import inverse_cholesky, prepare_hessian
+from .hessian import damped_hessian, prepared_inverse
 from .levels import argmin0, refine_fit, residual_fit, sign_patterns
 from .refit import refit_scales
 
@@ -134,9 +134,8 @@ def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig) -> d
 @register_method(ARBXConfig)
 @register_method(ARBRCConfig)
 def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> PackedWeight:
-    W = W.float()
-    W, H = prepare_hessian(W, H.float(), config.percdamp)
-    U = inverse_cholesky(H)
+    H = H.float()
+    W, U = prepared_inverse(W.float(), H, config.percdamp)
     N, K = W.shape
     bs = config.blocksize
     G = -(-K // bs)
@@ -173,4 +172,4 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> Pac
     packed = PackedWeight.from_codes(bits, alpha, None if config.column_scales else mu, bs, terms=TERMS,
                                      means=() if config.column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
                                      column_mask=salient, col_scale=beta if config.column_scales else None)
-    return refit_scales(packed, W, H) if config.refit_scales else packed
+    return refit_scales(packed, W, damped_hessian(H, config.percdamp)) if config.refit_scales else packed

@@ -15,7 +15,7 @@ from ..config import DBLLMConfig
 from ..packing.packed_weight import PackedWeight
 from ..registry import register_method
 from .grouped import reconstruct_levels
-from .hessian import inverse_cholesky, prepare_hessian
+from .hessian import damped_hessian, prepared_inverse
 from .levels import nearest_signs, refine_fit, uniform_init
 from .refit import refit_scales
 
@@ -28,9 +28,9 @@ def fit_dual(W: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_method(DBLLMConfig)
 def dbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: DBLLMConfig) -> PackedWeight:
-    W, H = prepare_hessian(W.float(), H.float(), config.percdamp)
-    U = inverse_cholesky(H)
+    H = H.float()
+    W, U = prepared_inverse(W.float(), H, config.percdamp)
     nearest = lambda w, mu, alpha: nearest_signs(w[:, None], mu, alpha)[:, :, 0]  # noqa: E731
     packed = reconstruct_levels(W, U, 2, config.group_size, config.blocksize,
                                 lambda Wg: fit_dual(Wg, config.refine_iters), nearest)
-    return refit_scales(packed, W, H) if config.refit_scales else packed
+    return refit_scales(packed, W, damped_hessian(H, config.percdamp)) if config.refit_scales else packed

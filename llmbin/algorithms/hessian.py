@@ -17,28 +17,43 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple
     return H, total
 
 
-def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(W, H)`` with dead inputs zeroed and ``percdamp * mean(diag H)`` added to the diagonal.
+def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """A copy of ``H`` with dead inputs' ``H_jj`` set to 1 and ``percdamp * mean(diag H)`` added to the diagonal.
 
-    A dead input (never non-zero in calibration) has ``H_jj = 0``; its weights cannot
-    affect the output on calibration data, so they are zeroed and ``H_jj`` set to 1.
-    """
+    A dead input (never non-zero in calibration) has ``H_jj = 0``; its weights cannot affect
+    the output on calibration data (:func:`prepare_hessian` zeroes them)."""
     H = H.clone()
-    W = W.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
-    return W, H
+    return H
 
 
-def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), as the GPTQ loop consumes it."""
-    L, info = torch.linalg.cholesky_ex(H)
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(W, H)`` with dead inputs zeroed in ``W`` and ``H`` damped (:func:`damped_hessian`)."""
+    W = W.clone()
+    W[:, torch.diag(H) == 0] = 0.0
+    return W, damped_hessian(H, percdamp)
+
+
+def prepared_inverse(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, U)``: :func:`prepare_hessian`'s ``W`` and the :func:`inverse_cholesky` factor of its ``H``,
+    without keeping the damped ``H``: besides the caller's ``H``, at most two ``K × K`` matrices
+    exist at once (a 70B down_proj's are 3.3 GB each). A method that needs the damped ``H`` again
+    (a scale refit) recomputes it with :func:`damped_hessian`."""
+    W = W.clone()
+    W[:, torch.diag(H) == 0] = 0.0
+    return W, inverse_cholesky(H, percdamp)
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float | None = None) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), as the GPTQ loop consumes it; with
+    ``percdamp``, of :func:`damped_hessian`'s copy of ``H``, which lives only until it is factored."""
+    L, info = torch.linalg.cholesky_ex(H if percdamp is None else damped_hessian(H, percdamp))
     if info.item() == 0:
         Hinv = torch.cholesky_inverse(L)
-        del L  # K×K each: at K = 28672 (70B down_proj) every copy is 3.3 GB
+        del L  # each is K × K: drop every one as soon as the next exists
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         del Hinv
     if info.item() != 0:

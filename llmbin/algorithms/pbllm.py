@@ -12,7 +12,7 @@ from ..registry import register_method
 from ..packing.packed_weight import PackedWeight
 from .binarize import fit_binary
 from .gptq import gptq_reconstruct
-from .hessian import inverse_cholesky, prepare_hessian
+from .hessian import damped_hessian, prepared_inverse
 
 
 def salient_mask(W: torch.Tensor, Hinv_upper: torch.Tensor, frac: float, metric: str) -> torch.Tensor:
@@ -38,7 +38,7 @@ def symmetric_scale(W: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Ten
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-REFIT_CHUNK_BYTES = 256 << 20  # float64 working set of one refit chunk
+REFIT_CHUNK_BYTES = 32 << 20  # one float64 (rows × K) or (K × cols) array of a refit chunk; ~8 are live
 
 
 def refit_binary_scales(W, H, binarized, upper, fixed_part):
@@ -48,13 +48,12 @@ def refit_binary_scales(W, H, binarized, upper, fixed_part):
     ``v = ±1`` on them. A 2×2 normal system per row; rows where it is singular keep nothing
     and return NaN, which the caller treats as "keep the old values".
 
-    The sums are formed in float64 over chunks of rows and of ``H``'s columns, so the working
-    set stays near ``REFIT_CHUNK_BYTES`` (a float64 copy of a 70B down_proj's ``H`` alone
-    would be 6.6 GB); a matrix that fits one chunk is summed in a single pass.
+    The sums are formed in float64 over chunks of rows and of ``H``'s columns, each chunk array
+    at most ``REFIT_CHUNK_BYTES`` (a float64 copy of a 70B down_proj's ``H`` alone would be
+    6.6 GB); a matrix that fits one chunk (every SmolLM2 layer does) is summed in a single pass.
     """
     N, K = W.shape
-    cols = max(1, REFIT_CHUNK_BYTES // (8 * K))
-    rows = max(1, REFIT_CHUNK_BYTES // (3 * 8 * K))
+    cols = rows = max(1, REFIT_CHUNK_BYTES // (8 * K))
     sums = torch.zeros(5, N, dtype=torch.float64, device=W.device)  # a11, a12, a22, b1, b2
     for c0 in range(0, K, cols):
         c1 = min(K, c0 + cols)
@@ -79,9 +78,8 @@ def refit_binary_scales(W, H, binarized, upper, fixed_part):
 
 @register_method(PBLLMConfig)
 def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> PackedWeight:
-    W = W.float()
-    W, H = prepare_hessian(W, H.float(), config.percdamp)
-    U = inverse_cholesky(H)
+    H = H.float()
+    W, U = prepared_inverse(W.float(), H, config.percdamp)
     mask = salient_mask(W, U, config.salient_frac, config.salient_metric)
     qmax = 2 ** (config.salient_bits - 1) - 1
     sigma = symmetric_scale(W, mask, config.salient_bits)
@@ -94,10 +92,12 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         return torch.where(mask[:, j], salient, binary)
 
     Q = gptq_reconstruct(W, U, quantize_column, config.blocksize)
+    del U
     upper = Q > mu[:, None]  # the binary choice each weight took
     ints = torch.round(Q / sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
     if config.refit_scales and config.salient_frac < 1:
-        new_mu, new_alpha = refit_binary_scales(W, H, ~mask, upper, torch.where(mask, Q, 0.0))
+        new_mu, new_alpha = refit_binary_scales(W, damped_hessian(H, config.percdamp), ~mask, upper,
+                                                torch.where(mask, Q, 0.0))
         keep = torch.isnan(new_mu) | torch.isnan(new_alpha)
         mu = torch.where(keep, mu, new_mu.float()).half().float()
         alpha = torch.where(keep, alpha, new_alpha.float()).half().float()

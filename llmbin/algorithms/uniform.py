@@ -12,7 +12,7 @@ from ..config import GPTQConfig
 from ..packing.packed_weight import PackedWeight
 from ..registry import register_method
 from .grouped import reconstruct_levels
-from .hessian import inverse_cholesky, prepare_hessian
+from .hessian import prepared_inverse
 
 
 def uniform_grid(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,6 @@ def round_to_grid(w: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> tor
 
 @register_method(GPTQConfig)
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> PackedWeight:
-    W, H = prepare_hessian(W.float(), H.float(), config.percdamp)
-    U = inverse_cholesky(H)
+    W, U = prepared_inverse(W.float(), H.float(), config.percdamp)
     return reconstruct_levels(W, U, config.bits, config.group_size, config.blocksize,
                               lambda Wg: uniform_grid(Wg, config.bits), round_to_grid, pow2_planes=True)

@@ -85,7 +85,7 @@ def _(x, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, s
 
     plan = KernelPlan.from_op_args(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
                                    sal_val, sal_row)
-    if triton_gpu.available():
+    if triton_gpu.available() and not plan.salient_stream:  # BinaryLinear builds stream plans for the CPU only
         return triton_gpu.packed_linear(x, plan)
     _warn_no_triton()
     return x.float() @ plan_decode(plan).T

@@ -17,6 +17,10 @@ DB-LLM's two planes, GPTQ's power-of-two planes) is a polynomial in the sign bit
   depends only on the row and its bit b, which is also the salient sign, so each row's list is
   split by b and an entry is its column and its uint8 magnitude m (3 bytes, not 6):
   ``delta = scale_b[r] · m + base_b[r]``. Other layouts keep ``delta`` in float32.
+* The *stream* form of that layout (``salient_stream=True``) has no lists: the kernel reads the
+  checkpoint's nibble-gap positions and magnitude bit planes themselves, through a per-row
+  index, so a plan adds 24 bytes per row instead of 3 bytes per salient weight. Slower per
+  entry, it serves compute-bound (large-batch) calls, where decoding is a small part of the work.
 
 The kernels (C++ and Triton) evaluate exactly this; :func:`plan_decode` is its dense form, used
 to check a plan against ``PackedWeight.decode``.
@@ -30,7 +34,7 @@ import torch
 
 from ..packing.bitpack import unpack_bits, unpack_codes
 from ..packing.packed_weight import PackedWeight
-from ..packing.positions import decode_positions
+from ..packing.positions import NIBBLE_GAP, NIBBLE_MAX_GAP, decode_positions
 
 Poly = dict[int, float]  # plane-set bit mask -> coefficient; mask 0 is the constant 1
 
@@ -54,14 +58,21 @@ class KernelPlan:
     prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
     n_bit_products: int  # products with a non-empty plane set
     coef: torch.Tensor  # float32 (NP, N, G)
-    # Salient corrections (all empty when there is no salient part), in one of two forms:
+    # Salient corrections (all empty when there is no salient part), in one of three forms:
     # deltas: sal_rowptr (N + 1,) CSR over rows, sal_val float32 deltas, sal_row empty;
     # codes: sal_rowptr (2N + 1,): row r's b = 1 entries, then its b = 0 entries; sal_val uint8
-    # magnitudes; sal_row float32 (N, 4): (scale, base) of the b = 1 part, then of the b = 0 part.
+    # magnitudes; sal_row float32 (N, 4): (scale, base) of the b = 1 part, then of the b = 0 part;
+    # stream: sal_rowptr (N, 3): per row, the first nibble code whose position reaches the row, the
+    # position before it and the marks before it; sal_col the checkpoint's nibble-gap stream (uint8),
+    # sal_val its magnitude bit planes (uint8 (bits, bytes)); sal_row as in codes.
     sal_rowptr: torch.Tensor  # int64
-    sal_col: torch.Tensor  # int16 (S,), or int32 when K > 32767
-    sal_val: torch.Tensor  # float32 or uint8 (S,)
+    sal_col: torch.Tensor  # int16 (S,), or int32 when K > 32767; uint8 stream
+    sal_val: torch.Tensor  # float32 or uint8 (S,); uint8 planes
     sal_row: torch.Tensor  # float32 (N, 4) or empty
+
+    @property
+    def salient_stream(self) -> bool:
+        return self.sal_rowptr.dim() == 2
 
     @property
     def num_groups(self) -> int:
@@ -79,9 +90,10 @@ class KernelPlan:
                    sal_col, sal_val, sal_row)
 
     def nbytes(self) -> int:
-        """Memory the plan adds on top of the packed planes."""
+        """Memory the plan adds on top of the checkpoint's tensors (its planes; in the stream form, its salient streams)."""
+        shared = {"planes"} | ({"sal_col", "sal_val"} if self.salient_stream else set())
         return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
-                   if f.name != "planes" and isinstance(getattr(self, f.name), torch.Tensor))
+                   if f.name not in shared and isinstance(getattr(self, f.name), torch.Tensor))
 
 
 def tile_planes(planes: torch.Tensor) -> torch.Tensor:
@@ -120,7 +132,10 @@ def _class_factors(pw: PackedWeight) -> list[tuple[str, Poly]]:
     return out
 
 
-def build_plan(pw: PackedWeight) -> KernelPlan:
+def build_plan(pw: PackedWeight, *, tiles: bool = True, salient_stream: bool = False) -> KernelPlan:
+    """The plan of ``pw``. ``tiles``: include the table-lookup re-layout (as big as the planes; only
+    the CPU's small-batch path reads it). ``salient_stream``: PB-LLM's salient part in the stream
+    form (nothing copied) rather than as lists, where the layout allows."""
     N, K = pw.shape
     row_bytes = pw.planes.shape[-1]
     Kpad = row_bytes * 8
@@ -166,15 +181,40 @@ def build_plan(pw: PackedWeight) -> KernelPlan:
     if colw_rows:
         colw[:, :K] = torch.stack(colw_rows)
     coef = torch.stack([acc[k] for k in keys]) if keys else torch.zeros(0, N, G, device=device)
-    plan = KernelPlan((N, K), pw.group_size, pw.planes, tile_planes(pw.planes), colw,
+    plan = KernelPlan((N, K), pw.group_size, pw.planes,
+                      tile_planes(pw.planes) if tiles else torch.zeros(0, dtype=torch.uint8, device=device), colw,
                       torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
                       torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
                       coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),
                       torch.zeros(0, dtype=torch.int16, device=device), torch.zeros(0, device=device),
                       torch.zeros(0, 4, device=device))
     if pw.salient is not None:
-        plan = _with_salient(plan, pw)
+        stream = salient_stream and pw.salient.encoding == NIBBLE_GAP and _salient_codes_fit(plan, pw)
+        plan = _with_salient_stream(plan, pw) if stream else _with_salient(plan, pw)
     return plan
+
+
+def _salient_rows(plan: KernelPlan, pw: PackedWeight) -> torch.Tensor:
+    """(N, 4) float32: (scale, base) of each row's b = 1 salient part, then of its b = 0 part.
+    The formula there is ``slope · b + offset``; the salient weight is ``(2b − 1) · m · scale``."""
+    slope = plan.coef[: plan.n_bit_products, :, 0].sum(0)
+    offset = plan.coef[plan.n_bit_products:, :, 0].sum(0)
+    scale = pw.salient.scale.float()
+    return torch.stack((scale, -(slope + offset), -scale, -offset), dim=1).contiguous()
+
+
+def _with_salient_stream(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
+    N, K = pw.shape
+    s = pw.salient
+    codes = torch.stack((s.positions & 15, s.positions >> 4), dim=1).flatten().to(torch.int64)
+    after = torch.cumsum(torch.where(codes == 0, NIBBLE_MAX_GAP, codes), 0) - 1  # position after each code
+    marks = torch.cumsum(codes != 0, 0)
+    first = torch.searchsorted(after, torch.arange(N, device=after.device) * K)  # first code reaching each row
+    before = torch.where(first > 0, after[(first - 1).clamp_min(0)], -1)
+    marked = torch.where(first > 0, marks[(first - 1).clamp_min(0)], 0)
+    index = torch.stack((first, before, marked), dim=1).contiguous()
+    return dataclasses.replace(plan, sal_rowptr=index, sal_col=s.positions.contiguous(),
+                               sal_val=s.magnitudes.contiguous(), sal_row=_salient_rows(plan, pw))
 
 
 def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
@@ -189,14 +229,9 @@ def _with_salient(plan: KernelPlan, pw: PackedWeight) -> KernelPlan:
         order = torch.argsort(part, stable=True)
         rowptr = torch.zeros(2 * N + 1, dtype=torch.int64, device=pos.device)
         rowptr[1:] = torch.bincount(part, minlength=2 * N).cumsum(0)
-        # formula(b) = slope · b + offset; the salient weight is (2b − 1) · m · scale
-        slope = plan.coef[: plan.n_bit_products, :, 0].sum(0)
-        offset = plan.coef[plan.n_bit_products:, :, 0].sum(0)
-        scale = s.scale.float()
-        sal_row = torch.stack((scale, -(slope + offset), -scale, -offset), dim=1)
         mags = unpack_codes(s.magnitudes, s.count).to(torch.uint8)
         return dataclasses.replace(plan, sal_rowptr=rowptr, sal_col=cols[order].to(col_dtype), sal_val=mags[order],
-                                   sal_row=sal_row.contiguous())
+                                   sal_row=_salient_rows(plan, pw))
     exact = pw.decode(torch.float32).view(-1)[pos]
     formula = plan_decode(plan).view(-1)[pos]  # the plan has no salient part yet
     rowptr = torch.zeros(N + 1, dtype=torch.int64, device=pos.device)
@@ -225,7 +260,14 @@ def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.T
                 prod = prod * bits[p]
         coef = plan.coef[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
         W = W + coef * plan.colw[var, :K].to(dtype) * prod
-    if plan.sal_row.numel():  # codes: 2N segments, (scale, base) each
+    if plan.salient_stream:
+        pos = decode_positions(NIBBLE_GAP, plan.sal_col, (N, K))
+        rows, cols = pos // K, pos % K
+        bit = unpack_bits(plan.planes[0], K)[rows, cols]
+        mags = unpack_codes(plan.sal_val, pos.numel()).to(dtype)
+        part = torch.where(bit, 0, 2)
+        W[rows, cols] += plan.sal_row.to(dtype)[rows, part] * mags + plan.sal_row.to(dtype)[rows, part + 1]
+    elif plan.sal_row.numel():  # codes: 2N segments, (scale, base) each
         seg = torch.repeat_interleave(torch.arange(2 * N, device=W.device), plan.sal_rowptr.diff())
         scale_base = plan.sal_row.to(dtype).view(2 * N, 2)[seg]
         W[seg // 2, plan.sal_col.long()] += scale_base[:, 0] * plan.sal_val.to(dtype) + scale_base[:, 1]

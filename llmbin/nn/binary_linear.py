@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels.ops import LUT_MAX_WORK
 from ..packing.packed_weight import PackedWeight
 
 _VERSION = operator.attrgetter("_version")
@@ -26,7 +27,8 @@ class BinaryLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.dense_cache = False  # decode once and keep the dense weight (evaluation speed, not memory)
         self._dense: torch.Tensor | None = None
-        self._plan: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, plan)
+        self._plan: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, full plan)
+        self._light: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, light plan)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "BinaryLinear":
@@ -40,19 +42,31 @@ class BinaryLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight.from_tensors(dict(self.named_buffers(recurse=False)), "", self.layout, validate=False)
 
-    def kernel_plan(self) -> kernels.KernelPlan:
+    def kernel_plan(self, rows: int | None = None) -> kernels.KernelPlan:
         """The kernel's lowering of this layer, built once and rebuilt only if a buffer changes
-        (moved to another device, or loaded into in place)."""
+        (moved to another device, or loaded into in place).
+
+        The full plan (table-lookup tiles, PB-LLM's salient lists: up to 3.4 bits per weight on
+        top of the packed ones) is what small batches need to be fast. A CPU call of more than
+        ``LUT_MAX_WORK`` ``rows`` (compute-bound: bands of decoded rows + GEMM) is served by the
+        full plan if it exists, else by a light one that copies nothing (no tiles, salient part
+        read from the checkpoint's own streams), so evaluating long windows keeps a loaded
+        model at about its packed size."""
         buffers = self._buffers.values()  # C-level maps: this runs on every call
         key = (tuple(map(id, buffers)), tuple(map(_VERSION, buffers)))
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, kernels.build_plan(self.packed()))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        if rows is not None and rows > LUT_MAX_WORK and self.planes.is_cpu:
+            if self._light is None or self._light[0] != key:
+                self._light = (key, kernels.build_plan(self.packed(), tiles=False, salient_stream=True))
+            return self._light[1]
+        self._plan, self._light = (key, kernels.build_plan(self.packed())), None
         return self._plan[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = None if self.dense_cache else kernels.kernel_path(x)
         if path is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._trains_scales())):
-            y = kernels.packed_linear(x, self.kernel_plan(), path)
+            y = kernels.packed_linear(x, self.kernel_plan(x.numel() // self.in_features), path)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.dense_cache:

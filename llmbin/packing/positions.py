@@ -18,7 +18,8 @@ from .bitpack import pack_bits, unpack_bits
 BITMAP = "bitmap"
 NIBBLE_GAP = "nibble-gap"
 ENCODINGS = (BITMAP, NIBBLE_GAP)
-_MAX_GAP = 15
+NIBBLE_MAX_GAP = 15  # a 0 code advances this far and marks nothing
+_MAX_GAP = NIBBLE_MAX_GAP
 
 
 def encode_nibble_gaps(positions: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def test_scale_refit_in_chunks_matches_one_pass(monkeypatch):
     mask, upper = torch.rand(N, K, generator=g) < 0.1, torch.rand(N, K, generator=g) < 0.5
     args = (W, H, ~mask, upper, torch.where(mask, W, 0.0))
     one_pass = pbllm.refit_binary_scales(*args)
-    monkeypatch.setattr(pbllm, "REFIT_CHUNK_BYTES", 8 * K * 30)  # 30 columns, 10 rows per chunk
+    monkeypatch.setattr(pbllm, "REFIT_CHUNK_BYTES", 8 * K * 30)  # chunks of 30 rows and 30 columns
     chunked = pbllm.refit_binary_scales(*args)
     for a, b in zip(one_pass, chunked):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

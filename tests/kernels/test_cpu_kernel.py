@@ -88,3 +88,34 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(ext):
                               ISAS["avx2-lut"], torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="row range"):
         ext.decode_rows(*plan.op_args(), 2, 5, torch.empty(3, 64), 0)
+
+
+# PB-LLM's own layout (one group per row), where the salient part can stay in the checkpoint's
+# streams: rows shorter than a 15-step escape (K = 5), rows without salient weights, K off words.
+STREAM_SHAPES = [(1, 63), (7, 5), (50, 16), (17, 130), (40, 96), (9, 700)]
+
+
+@pytest.mark.parametrize("isa", [i for i in CPU_ISAS if i != "avx2-lut"])
+def test_the_salient_stream_form_matches_the_reference(ext, isa):
+    for i, (N, K) in enumerate(STREAM_SHAPES):
+        pw = random_packed("pb-llm", N, K, K, seed=i)
+        plan = build_plan(pw, tiles=False, salient_stream=True)
+        assert plan.salient_stream and plan.tiles.numel() == 0
+        assert plan.sal_col.data_ptr() == pw.salient.positions.data_ptr()  # the checkpoint's stream, not a copy
+        x = torch.randn(5, K, generator=torch.Generator().manual_seed(i))
+        out = torch.full((5, N), float("nan"))
+        ext.packed_linear(x, *plan.op_args(), ISAS[isa], out)
+        assert_matches_reference(out, x, pw)
+        rows = torch.full((N, plan.planes.shape[2] * 8), float("nan"))
+        ext.decode_rows(*plan.op_args(), 0, N, rows, ISAS[isa])
+        torch.testing.assert_close(rows[:, :K].double(), pw.decode(torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_a_stream_index_outside_the_streams_is_refused(ext):
+    plan = build_plan(random_packed("pb-llm", 4, 64, 64), tiles=False, salient_stream=True)
+    index = plan.sal_rowptr.clone()
+    index[2, 0] = 10**9
+    args = list(plan.op_args())
+    args[9] = index
+    with pytest.raises(RuntimeError, match="outside the salient streams"):
+        ext.packed_linear(torch.randn(1, 64), *args, 0, torch.empty(1, 4))

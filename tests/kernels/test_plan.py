@@ -4,6 +4,7 @@ import torch
 
 from llmbin.kernels.plan import build_plan, plan_decode, tile_planes
 from llmbin.packing.bitpack import unpack_bits
+from llmbin.packing.packed_weight import PackedWeight
 from llmbin.registry import available_methods, make_config, method_function
 from tests.kernels.conftest import LAYOUTS, SHAPES, random_packed
 
@@ -88,3 +89,19 @@ def test_salient_corrections_sit_at_the_salient_positions(group_size, form):
     torch.testing.assert_close(plan_decode(plan)[rows, cols], pw.decode()[rows, cols])
     without = build_plan(random_packed("sign+mean", 5, 100, group_size))
     assert without.sal_rowptr.numel() == 0 and without.sal_row.numel() == 0
+
+
+def test_the_light_plan_copies_nothing_of_the_salient_part():
+    pw = random_packed("pb-llm", 64, 300, 300)
+    full, light = build_plan(pw), build_plan(pw, tiles=False, salient_stream=True)
+    torch.testing.assert_close(plan_decode(light, torch.float64), pw.decode(torch.float64), rtol=0, atol=1e-6)
+    assert light.nbytes() <= 60 * 64 + 4 * 320  # a few words per row and per column, nothing per weight
+    assert full.nbytes() > 3 * pw.salient.count + full.tiles.numel()  # lists of 3 bytes per salient weight, tiles
+    g = torch.Generator().manual_seed(1)
+    dense = PackedWeight.from_codes(torch.rand(1, 8, 40, generator=g) < 0.5, torch.rand(1, 8, 1), torch.rand(1, 8, 1), 40,
+                                    salient_mask=torch.rand(8, 40, generator=g) < 0.5,
+                                    salient_mag=torch.randint(0, 128, (8, 40), generator=g), salient_scale=torch.rand(8))
+    assert dense.salient.encoding == "bitmap"  # a dense mask is stored as a bitmap: no stream to read, lists instead
+    plan = build_plan(dense, salient_stream=True)
+    assert not plan.salient_stream
+    torch.testing.assert_close(plan_decode(plan, torch.float64), dense.decode(torch.float64), rtol=0, atol=1e-6)

@@ -69,3 +69,17 @@ def test_inputs_that_require_grad_get_gradients(ext, batch):
     x = torch.randn(batch, 64, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.packed().decode().sum(0).expand(batch, 64))
+
+
+def test_long_inputs_use_the_light_plan_until_a_short_one_builds_the_full_plan(ext):
+    from llmbin.kernels.ops import LUT_MAX_WORK
+    from tests.kernels.conftest import LUT_TOL, assert_matches_reference, random_packed
+
+    pw = random_packed("pb-llm", 40, 130, 130)
+    layer = BinaryLinear(pw)
+    long, short = torch.randn(LUT_MAX_WORK + 1, 130), torch.randn(3, 130)
+    assert_matches_reference(layer(long), long, pw)
+    assert layer._plan is None and layer._light[1].salient_stream and layer._light[1].tiles.numel() == 0
+    assert_matches_reference(layer(short), short, pw, LUT_TOL)
+    assert layer._light is None and layer._plan[1].tiles.numel() > 0 and not layer._plan[1].salient_stream
+    assert layer.kernel_plan(LUT_MAX_WORK + 1) is layer._plan[1]  # once built, the full plan serves every call
