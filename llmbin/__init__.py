@@ -7,9 +7,10 @@ from .checkpoint import load, save  # noqa: E402
 from .config import PBLLMConfig, QuantConfig  # noqa: E402
 from .data.calibration import calibration_windows  # noqa: E402
 from .errors import LlmbinError  # noqa: E402
-from .quantize import quantize  # noqa: E402
+from .models import open_model  # noqa: E402
+from .quantize import quantize, quantize_and_save  # noqa: E402
 from .recipes import recipe_config  # noqa: E402
 from .registry import available_methods, make_config  # noqa: E402
 
 __all__ = ["LlmbinError", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
-           "make_config", "quantize", "recipe_config", "save"]
+           "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config", "save"]
