@@ -38,7 +38,8 @@ def round_to_storage(model: torch.nn.Module) -> None:
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
-         sources: Mapping[str, torch.Tensor] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+         sources: Mapping[str, torch.Tensor] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+         progress: bool = False) -> Path:
     """Write the checkpoint to a temporary sibling directory, then rename it to ``out_dir``.
 
     Tensors still on the meta device (a streamed model's released blocks and float layers) are
@@ -73,7 +74,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
             return stored
 
         write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
-                      max_shard_bytes)
+                      max_shard_bytes, progress)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

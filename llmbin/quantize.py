@@ -124,6 +124,6 @@ def quantize_and_save(opened: OpenedModel, config: QuantConfig, calibration: tor
         prefix = module_name(model, decoder_layers(model))
         packed = OffloadedWeightsLoader(index=finished_blocks(work_dir).tensor_index(prefix))
         sources = ChainMap(packed, opened.weights)
-    save(model, opened.tokenizer, out, sources=sources, max_shard_bytes=max_shard_bytes)
+    save(model, opened.tokenizer, out, sources=sources, max_shard_bytes=max_shard_bytes, progress=progress)
     shutil.rmtree(work_dir, ignore_errors=True)
     return model

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 from .errors import LlmbinError
 from .storage import write_tensors
@@ -55,7 +56,7 @@ def by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
 
 
 def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Callable[[str], torch.Tensor],
-                  layers: Mapping[str, dict], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+                  layers: Mapping[str, dict], max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
     """Write tensors as transformers would shard them, one shard resident at a time.
 
     ``shapes`` maps each name, in order, to a tensor with its stored shape and dtype (a meta
@@ -67,7 +68,8 @@ def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Calla
                                                max_shard_size=max_shard_bytes)
     owner = {name: name.rpartition(".")[0] for name in shapes if name.rpartition(".")[0] in layers}
     written = []
-    for filename, names in split.filename_to_tensors.items():
+    shards = split.filename_to_tensors.items()
+    for filename, names in tqdm(shards, desc="writing checkpoint", unit="shard", disable=not progress or len(shards) < 2):
         tensors = {}
         for name in names:
             tensors[name] = fetch(name)
