@@ -8,8 +8,13 @@ with random words for text (random token ids are fine for memory and time):
 * ``7b-memory``: PB-LLM at 128 × 2048 calibration, activations in memory, stopped after
   ``--blocks`` blocks (a full 32-block run at this calibration takes about a day on 2 cores);
 * ``7b-offload``: the same with ``--offload-activations``;
-* ``70b-offload``: one block of the 70B shape at 128 × 2048 with ``--offload-activations``;
-* ``7b-checkpoint``: all 32 blocks with a small calibration (4 × 512), for the packed checkpoint;
+* ``70b-offload``: one block of the 70B shape with ``--offload-activations``, at ``--nsamples-70b``
+  windows of 2048 (16 by default: a 70B block at 128 × 2048 is about 1.4 PFLOP, some 4 hours on
+  2 cores; with offloaded activations one window is resident at a time, so peak RSS does not
+  depend on the number of windows, only the time does);
+* ``7b-checkpoint``: all 32 blocks with a small calibration (4 × 512) and ``--no-refit-scales``
+  (the float64 scale refit is most of a block's time at this calibration), for the packed
+  checkpoint: its layout, size and serving memory are those of any PB-LLM 10 % checkpoint;
 * ``7b-eval``: loading that checkpoint and one 2048-token perplexity window on the CPU kernels.
 
 The full-run figure is extrapolated: capture time + blocks × mean seconds per block. Every phase
@@ -91,16 +96,19 @@ def row(name: str, layers: int, report: dict) -> dict:
             "capture_seconds": timing.get("capture_seconds"),
             "extrapolated_full_run_hours": (timing.get("capture_seconds", 0) + layers * mean) / 3600 if mean else None,
             "disk_gib": report["disk_bytes"] / 2**30 if report.get("disk_bytes") else None,
+            "load_peak_rss_gib": report["load_peak_rss_mib"] / 1024 if report.get("load_peak_rss_mib") else None,
             "seconds": report.get("quantize_seconds") or report.get("eval_seconds"),
             "ppl": (report.get("ppl") or {}).get("wikitext2")}
 
 
 def table(rows: list[dict]) -> str:
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = ["| phase | calibration | peak RSS GiB | s/block | full run (extrapolated) h | checkpoint GiB | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| phase | calibration | peak RSS GiB | after loading GiB | s/block | full run (extrapolated) h "
+             "| checkpoint GiB | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['phase']} | {r['calibration']} | {r['peak_rss_gib']:.2f} | {fmt(r['seconds_per_block'], '.0f')} "
+        lines.append(f"| {r['phase']} | {r['calibration']} | {r['peak_rss_gib']:.2f} | {fmt(r.get('load_peak_rss_gib'), '.2f')} "
+                     f"| {fmt(r['seconds_per_block'], '.0f')} "
                      f"| {fmt(r['extrapolated_full_run_hours'], '.1f')} | {fmt(r['disk_gib'], '.2f')} "
                      f"| {fmt(r['seconds'], '.0f')} |")
     return "\n".join(lines)
@@ -111,6 +119,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ", ".join(PHASES))
     parser.add_argument("--blocks", type=int, default=1, help="blocks quantized at 128 x 2048 in the 7B phases")
+    parser.add_argument("--nsamples-70b", type=int, default=16, help="2048-token windows in the 70b-offload phase")
     args = parser.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def main() -> None:
         "7b-memory": quantize_args(inputs["7b"], inputs["calib.txt"], work / "7b-memory", 128, 2048, stop),
         "7b-offload": quantize_args(inputs["7b"], inputs["calib.txt"], work / "7b-offload", 128, 2048,
                                     stop + ["--offload-activations", str(acts)]),
-        "70b-offload": quantize_args(inputs["70b"], inputs["calib.txt"], work / "70b-offload", 128, 2048,
+        "70b-offload": quantize_args(inputs["70b"], inputs["calib.txt"], work / "70b-offload", args.nsamples_70b, 2048,
                                      ["--stop-after-blocks", "1", "--offload-activations", str(acts)]),
         "7b-checkpoint": None,  # built when it runs: it removes a previous checkpoint
         "7b-eval": ["eval", str(out / "llama-2-7b-pb-llm"), "--eval-data", str(inputs["eval.txt"]), "--seqlen", "2048",
@@ -137,7 +146,8 @@ def main() -> None:
         if name in results:
             continue
         if name == "7b-checkpoint":
-            argv[name] = quantize_args(inputs["7b"], inputs["calib.txt"], out / "llama-2-7b-pb-llm", 4, 512, [])
+            argv[name] = quantize_args(inputs["7b"], inputs["calib.txt"], out / "llama-2-7b-pb-llm", 4, 512,
+                                           ["--no-refit-scales"])
         results[name] = run(out, name, argv[name])
         shutil.rmtree(work / f"{name}.partial", ignore_errors=True)
     rows = [row(name, layers[name], results[name]) for name in PHASES if name in results]

@@ -229,9 +229,12 @@ def cmd_eval(args) -> dict:
             raise LlmbinError("--device-map and --offload-folder apply to packed checkpoints; for --model use --device")
         model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
         model.to(args.device)
+    # Memory after loading alone, before any window runs: the loaded model's own footprint.
+    loaded_rss = _peak_rss_mib()
     start = time.perf_counter()
     report = {"model": args.checkpoint or args.model, "bits_per_weight": bit_report(model)["bits_per_weight"],
-              "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None}
+              "disk_bytes": directory_bytes(args.checkpoint) if args.checkpoint else None,
+              "load_peak_rss_mib": loaded_rss}
     bpw = report["bits_per_weight"]
     dataset = args.ppl or (None if args.tasks else "wikitext2")
     if dataset:

@@ -25,6 +25,7 @@ def test_quantize_then_eval_end_to_end(tiny_model_dir, text_file, tmp_path, toke
                  "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result) >= {"ppl", "bits_per_weight"}
+    assert 0 < result["load_peak_rss_mib"] <= result["peak_rss_mib"]  # memory after loading, then after the windows
     ppl = result["ppl"]["wikitext2"]
     assert result["bits_per_weight"] == pytest.approx(report["bits_per_weight"])
 
