@@ -9,9 +9,9 @@ with random words for text (random token ids are fine for memory and time):
   ``--blocks`` blocks (a full 32-block run at this calibration takes about a day on 2 cores);
 * ``7b-offload``: the same with ``--offload-activations``;
 * ``70b-offload``: one block of the 70B shape with ``--offload-activations``, at ``--nsamples-70b``
-  windows of 2048 (16 by default: a 70B block at 128 × 2048 is about 1.4 PFLOP, some 4 hours on
-  2 cores; with offloaded activations one window is resident at a time, so peak RSS does not
-  depend on the number of windows, only the time does);
+  windows of 2048 (8 by default: a 70B block at 128 × 2048 is about 1.4 PFLOP, some 4 hours on
+  2 cores; with offloaded activations one window is resident at a time, so the number of windows
+  changes the time, not the peak RSS);
 * ``7b-checkpoint``: all 32 blocks with a small calibration (4 × 512) and ``--no-refit-scales``
   (the float64 scale refit is most of a block's time at this calibration), for the packed
   checkpoint: its layout, size and serving memory are those of any PB-LLM 10 % checkpoint;
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ", ".join(PHASES))
     parser.add_argument("--blocks", type=int, default=1, help="blocks quantized at 128 x 2048 in the 7B phases")
-    parser.add_argument("--nsamples-70b", type=int, default=16, help="2048-token windows in the 70b-offload phase")
+    parser.add_argument("--nsamples-70b", type=int, default=8, help="2048-token windows in the 70b-offload phase")
     args = parser.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
