@@ -83,3 +83,32 @@ def test_long_inputs_use_the_light_plan_until_a_short_one_builds_the_full_plan(e
     assert_matches_reference(layer(short), short, pw, LUT_TOL)
     assert layer._light is None and layer._plan[1].tiles.numel() > 0 and not layer._plan[1].salient_stream
     assert layer.kernel_plan(LUT_MAX_WORK + 1) is layer._plan[1]  # once built, the full plan serves every call
+
+
+@pytest.mark.parametrize("rows", [3, "long"])
+def test_moving_the_layer_drops_its_plans(ext, rows):
+    """The driver releases a finished block with ``.to("meta")``: no plan may outlive that, or a
+    streamed run keeps every finished block's plans in memory."""
+    import gc
+    import weakref
+
+    from llmbin.kernels.ops import LUT_MAX_WORK
+
+    layer = BinaryLinear.from_float(torch.nn.Linear(130, 40))
+    layer(torch.randn(LUT_MAX_WORK + 1 if rows == "long" else rows, 130))
+    plan = weakref.ref((layer._plan or layer._light)[1])
+    layer.to("meta")
+    gc.collect()
+    assert plan() is None and layer._plan is None and layer._light is None
+    assert all(b.is_meta for b in layer.buffers())
+
+
+def test_moving_the_layer_drops_the_dense_copy(ext):
+    layer = BinaryLinear.from_float(torch.nn.Linear(64, 8))
+    layer.dense_cache = True
+    x = torch.randn(2, 64)
+    y = layer(x)
+    assert layer._dense is not None
+    layer.to(torch.float64)
+    assert layer._dense is None
+    torch.testing.assert_close(layer(x.double()), y.double())
