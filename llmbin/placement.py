@@ -10,6 +10,8 @@ worked on is ever resident.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -65,6 +67,26 @@ class Placement:
 
     def release_module(self, root: nn.Module, prefix: str) -> None:
         root.get_submodule(prefix).to(self.home)
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed pages of a released block's tensors in its arenas, so a streamed run's RSS
+    crept up block after block (20 MB per block at a 24-block, 300M-parameter shape) although
+    nothing was reachable; trimming once per block costs milliseconds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def tensor_names(module: nn.Module, prefix: str = "") -> list[str]:
