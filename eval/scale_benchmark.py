@@ -147,7 +147,7 @@ def main() -> None:
             continue
         if name == "7b-checkpoint":
             argv[name] = quantize_args(inputs["7b"], inputs["calib.txt"], out / "llama-2-7b-pb-llm", 4, 512,
-                                           ["--no-refit-scales"])
+                                       ["--no-refit-scales"])
         results[name] = run(out, name, argv[name])
         shutil.rmtree(work / f"{name}.partial", ignore_errors=True)
     rows = [row(name, layers[name], results[name]) for name in PHASES if name in results]
