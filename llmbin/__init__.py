@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from . import algorithms as _algorithms  # noqa: E402,F401  (registers the methods)
+from .hf_quantizer import LlmbinConfig, LlmbinHfQuantizer, register as _register_with_transformers  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .config import PBLLMConfig, QuantConfig  # noqa: E402
 from .data.calibration import calibration_windows  # noqa: E402
@@ -12,5 +13,7 @@ from .quantize import quantize, quantize_and_save  # noqa: E402
 from .recipes import recipe_config  # noqa: E402
 from .registry import available_methods, make_config  # noqa: E402
 
-__all__ = ["LlmbinError", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(checkpoint) works once llmbin is imported
+
+__all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
            "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config", "save"]

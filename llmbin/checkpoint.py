@@ -1,10 +1,12 @@
 """The packed checkpoint: ``config.json`` (with ``quantization_config``), safetensors weights
 (``model.safetensors``, or transformers-style shards with ``model.safetensors.index.json``) and
-the tokenizer.
+the tokenizer: a transformers model folder that ``from_pretrained`` loads once llmbin is imported.
 
 Each weights file holds packed layers' tensors under the layer's module name (see
 ``PackedWeight``), the remaining parameters in fp16, and in its header metadata the format
-name, format version and a JSON description of the packed layers it holds (``storage``).
+name, format version and a JSON description of the packed layers (``storage``). ``save``
+writes what ``save_pretrained`` writes (``hf_quantizer``), also for a streamed model whose
+blocks are only on disk; ``load`` is ``from_pretrained`` with llmbin's defaults.
 """
 from __future__ import annotations
 
@@ -14,14 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import LlmbinError
-from .models import set_submodule
+from .hf_quantizer import QUANT_METHOD
 from .nn.binary_linear import BinaryLinear
-from .nn.half_weights import serve_half_weights
 from .shards import MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, by_file, shard_files, write_sharded
-from .storage import STORAGE_DTYPE, as_stored, modules_from_tensors, read_tensors
+from .storage import STORAGE_DTYPE, as_stored, read_tensors
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
@@ -75,6 +75,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
 
         write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
                       max_shard_bytes, progress)
+        model.config.dtype = STORAGE_DTYPE  # what its floats are stored in, as save_pretrained records it
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -100,74 +101,52 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         device_map: str | dict | None = None, offload_folder: str | None = None):
-    """Load a packed checkpoint as a transformers model whose linear layers are ``BinaryLinear``.
+         device_map: str | dict | None = None, offload_folder: str | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` on a packed checkpoint, with llmbin's defaults
+    (float32, eval mode) and one-line errors; its linear layers are ``BinaryLinear``.
 
-    The packed tensors stay as stored (memory-mapped). At float32 on the CPU the float layers
-    that were not binarized (embeddings, lm_head) keep their fp16 values too (``HalfWeight*``).
-    ``device_map`` (``"auto"`` or a dict) places blocks over GPUs, CPU and disk with accelerate."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    The packed tensors stay as stored. At float32 on the CPU the float layers that were not
+    binarized (embeddings, lm_head) keep their fp16 values too (``HalfWeight*``).
+    ``device_map`` (``"auto"`` or a dict) places blocks over GPUs, CPU and disk with accelerate;
+    other keyword arguments go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_checkpoint(path)
+    if isinstance(device_map, str) and device_map != "auto":
+        raise LlmbinError(f"--device-map must be 'auto' or a JSON object of module -> device; got {device_map!r}")
+    if device_map is not None:
+        kwargs.setdefault("offload_buffers", True)  # the packed weights are buffers: offloaded with the rest
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map or torch.device(device),
+                                                    offload_folder=offload_folder, **kwargs).eval()
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise load_error(exc, path, device_map) from None
+
+
+def load_error(exc: Exception, path: Path, device_map) -> LlmbinError:
+    """The one-line error for a failure inside ``from_pretrained`` (llmbin's own checks raise ``LlmbinError`` directly)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if device_map is not None and isinstance(exc, (ValueError, KeyError)):
+        return LlmbinError(f"cannot place the model with this device map ({first}); check the device names and --offload-folder")
+    return LlmbinError(f"checkpoint {path} cannot be loaded ({first}); re-create the checkpoint")
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is a packed checkpoint folder (config.json with llmbin's quantization_config, safetensors weights)."""
+    from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE}); "
                           "create one with llmbin quantize")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LlmbinError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0]}); re-create the checkpoint") from None
     qconfig = getattr(config, "quantization_config", None)
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "llmbin":
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise LlmbinError(f"{path}/config.json has no llmbin quantization_config; create the checkpoint with llmbin quantize")
-    tensors, layers = read_checkpoint(path)
-    modules = modules_from_tensors(tensors, layers)
-    del config.quantization_config  # transformers would try to apply an unknown quantizer otherwise
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    config.quantization_config = qconfig
-    for name, module in modules.items():
-        try:
-            set_submodule(model, name, module)
-        except AttributeError:
-            raise LlmbinError(f"checkpoint layer {name} does not exist in a {type(model).__name__}; re-create the checkpoint") from None
-    half = dtype == torch.float32 and torch.device(device).type == "cpu" and device_map is None
-    keep = _half_servable(model) if half else set()
-    tensors = {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
-    missing = [k for k in missing if _is_meta(model, k)]
-    if missing or unexpected:
-        problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise LlmbinError(f"checkpoint {path} does not match its config ({problem}); re-create the checkpoint")
-    for module in modules.values():
-        if module.bias is not None:
-            module.bias.data = module.bias.data.to(dtype)
-    if half:
-        serve_half_weights(model, STORAGE_DTYPE)  # embeddings and lm_head served from fp16: exact, half the bytes
-    if device_map is not None:
-        return _dispatch(model, device_map, offload_folder).eval()
-    return model.to(device).eval()
-
-
-def _half_servable(model: nn.Module) -> set[str]:
-    """State-dict names of the plain float layers' weights, which can stay 16-bit at float32."""
-    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
-
-
-def _dispatch(model: nn.Module, device_map, offload_folder):
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        if device_map != "auto":
-            raise LlmbinError(f"--device-map must be 'auto' or a JSON object of module -> device; got {device_map!r}")
-        device_map = infer_auto_device_map(model, no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
-    try:
-        return dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise LlmbinError(f"cannot place the model with this device map ({str(exc).splitlines()[0]}); "
-                          "check the device names and --offload-folder") from None
-
-
-def _is_meta(model: torch.nn.Module, key: str) -> bool:
-    try:
-        return model.get_parameter(key).is_meta
-    except AttributeError:
-        return model.get_buffer(key).is_meta
+    if not shard_files(path):
+        raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE} or "
+                          f"{SAFETENSORS_INDEX}); create one with llmbin quantize")
+    return path

@@ -210,7 +210,17 @@ def cmd_eval(args) -> dict:
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
     if not args.tasks and (args.limit is not None or args.task_data or args.cache):
         raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
-    if args.checkpoint:
+    lm = None
+    if args.checkpoint and args.device_map and args.tasks:
+        from .evaluate.zeroshot import checkpoint_lm, prepare_tasks
+
+        # lm-eval loads the checkpoint from its path, with its own placement over GPUs, CPU and disk
+        prepare_tasks(_task_list(args.tasks), limit=args.limit, batch_size=args.batch_size, task_data=args.task_data)
+        lm = checkpoint_lm(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
+                           device_map=_device_map(args.device_map), offload_folder=args.offload_folder,
+                           batch_size=args.batch_size)
+        model, tokenizer = lm.model, lm.tokenizer
+    elif args.checkpoint:
         from transformers import AutoTokenizer
 
         from .checkpoint import load
@@ -218,6 +228,7 @@ def cmd_eval(args) -> dict:
         model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
                      device_map=_device_map(args.device_map), offload_folder=args.offload_folder)
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.checkpoint:
         if args.dense_cache:
             for module in model.modules():
                 if isinstance(module, BinaryLinear):
@@ -243,8 +254,8 @@ def cmd_eval(args) -> dict:
                        "max_windows": args.max_windows})
         print(f"{report['model']}: {dataset} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
     if args.tasks:
-        report.update(_zero_shot(model, tokenizer, _task_list(args.tasks), args.limit, args.batch_size, args.task_data,
-                                 args.cache))
+        report.update(_zero_shot(lm or model, tokenizer, _task_list(args.tasks), args.limit, args.batch_size,
+                                 args.task_data, args.cache))
     report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
 

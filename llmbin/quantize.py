@@ -17,6 +17,7 @@ from .config import QuantConfig
 from .distill import deviation_aware_distill
 from .driver import float_dtype, module_name, quantize_blocks
 from .errors import LlmbinError
+from .hf_quantizer import mark_quantized
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
 from .packing.packed_weight import FORMAT_VERSION
@@ -85,15 +86,14 @@ def quantize(
         distill_report = {"distill_loss_first": losses[0], "distill_loss_last": losses[-1]}
     round_to_storage(model)
     serve_half_weights(model, STORAGE_DTYPE)  # as load() does, so the two compute alike
-    model.config.quantization_config = {
-        "quant_method": "llmbin",
+    mark_quantized(model, {
         "format_version": FORMAT_VERSION,
         "llmbin_version": __version__,
         **config.to_dict(),
         "calibration": calibration_info or {"nsamples": calibration.shape[0], "seqlen": calibration.shape[1]},
         "bits_per_weight": bit_report(model)["bits_per_weight"],
         **distill_report,
-    }
+    })
     return model
 
 

@@ -61,12 +61,11 @@ def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Calla
 
     ``shapes`` maps each name, in order, to a tensor with its stored shape and dtype (a meta
     tensor will do); ``fetch(name)`` returns the tensor itself. Each shard's header describes
-    the packed ``layers`` that have tensors in it."""
+    every packed layer in ``layers``, as transformers' ``save_pretrained`` writes them."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     split = split_torch_state_dict_into_shards(dict(shapes), filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)
-    owner = {name: name.rpartition(".")[0] for name in shapes if name.rpartition(".")[0] in layers}
     written = []
     shards = split.filename_to_tensors.items()
     for filename, names in tqdm(shards, desc="writing checkpoint", unit="shard", disable=not progress or len(shards) < 2):
@@ -78,8 +77,7 @@ def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Calla
                 raise LlmbinError(f"{name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, expected "
                                   f"{tuple(expected.shape)} {expected.dtype}; the finished blocks are damaged, "
                                   "delete the .partial folder and rerun")
-        in_shard = {owner[n] for n in names if n in owner}
-        write_tensors(folder / filename, tensors, {layer: layers[layer] for layer in layers if layer in in_shard})
+        write_tensors(folder / filename, tensors, dict(layers))
         del tensors
         written.append(folder / filename)
     if split.is_sharded:

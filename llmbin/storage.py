@@ -1,9 +1,11 @@
 """One safetensors file of packed tensors: the storage dtype, and writing/reading a file with its layer description.
 
 Every file llmbin writes (a checkpoint shard, a finished block of an interrupted run) holds
-tensors under their module names and, in its header metadata, the format name, the format
-version and ``layers``: a JSON description (``PackedWeight.metadata()``) of every packed layer
-whose tensors are in that file. Nothing about the format is encoded in file names.
+tensors under their module names and, in its header metadata, ``format: pt`` (what
+transformers writes and expects), ``llmbin_format``, the format version and ``layers``: a JSON
+description (``PackedWeight.metadata()``) of packed layers, at least those whose tensors are
+in that file (a checkpoint's shards each describe every layer, as ``save_pretrained`` writes
+them). Nothing about the format is encoded in file names.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .nn.binary_linear import BinaryLinear
 from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
 
 FORMAT_NAME = "llmbin-packed"
+FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
 STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (embeddings, norms, scales)
 
 
@@ -31,10 +34,15 @@ def layer_metadata(modules: dict[str, BinaryLinear]) -> dict[str, dict]:
     return {name: m.layout for name, m in modules.items()}
 
 
+def file_metadata(layers: dict[str, dict]) -> dict[str, str]:
+    """The safetensors header metadata of a file holding (some of) the packed ``layers``."""
+    return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+            "layers": json.dumps(layers, sort_keys=True)}
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
     """Write ``tensors`` (on any device) plus the description of the packed ``layers`` among them."""
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=file_metadata(layers))
 
 
 def file_layers(path: Path) -> dict[str, dict]:
@@ -44,17 +52,38 @@ def file_layers(path: Path) -> dict[str, dict]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
-    if metadata.get("format") != FORMAT_NAME:
+    if FORMAT_NAME not in (metadata.get(FORMAT_KEY), metadata.get("format")):  # "format" held it up to version 2
         raise LlmbinError(f"{path} is not an llmbin packed checkpoint; create one with llmbin quantize")
-    if metadata.get("format_version") not in {str(v) for v in READABLE_VERSIONS}:
-        raise LlmbinError(
-            f"{path} uses packed format version {metadata.get('format_version')}, this llmbin reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-quantize"
-        )
+    check_version(metadata.get("format_version"), path)
     try:
         return json.loads(metadata["layers"])
     except (KeyError, ValueError):
         raise LlmbinError(f"{path} has a damaged layer description; re-create the checkpoint") from None
+
+
+def check_version(version, source) -> None:
+    if str(version) not in {str(v) for v in READABLE_VERSIONS}:
+        raise LlmbinError(
+            f"{source} uses packed format version {version}, this llmbin reads version "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-create it with llmbin quantize"
+        )
+
+
+def file_header(path: Path) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """A file's packed-layer description and an empty meta tensor of each stored tensor's shape and
+    dtype, read from the header alone (nothing is loaded)."""
+    layers = file_layers(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()], device="meta")
+                      for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
+    return layers, shapes
+
+
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 
 def read_tensors(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:

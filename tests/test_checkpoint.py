@@ -32,21 +32,21 @@ def test_saved_then_loaded_logits_are_identical(saved):
 def test_config_records_method_parameters_and_versions(saved):
     _, out = saved
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 2
+    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 3
     assert q["llmbin_version"] == llmbin.__version__
     assert q["salient_frac"] == 0.1 and q["salient_metric"] == "hessian" and q["percdamp"] == 0.01
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "llmbin-packed" and meta["format_version"] == "2"
+    assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed" and meta["format_version"] == "3"
     assert "model.layers.0.self_attn.q_proj" in json.loads(meta["layers"])
 
 
 def test_packed_layers_are_stored_at_their_true_size(saved):
     model, out = saved
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        planes = f.get_tensor("model.layers.0.mlp.up_proj.planes")
+        planes = f.get_tensor("model.layers.0.mlp.up_proj.weight")
         assert planes.dtype == torch.uint8 and planes.shape == (1, 96, 8)  # 64 inputs -> 8 bytes per row
-        others = [k for k in f.keys() if "layers" in k and k.endswith("weight") and "norm" not in k]
+        others = [k for k in f.keys() if "layers" in k and f.get_slice(k).get_dtype() not in ("U8", "F16")]
         assert others == []  # no float copy of any quantized weight
     report = bit_report(model)
     assert report["quantized_bits"] / 8 < directory_bytes(out)
@@ -99,12 +99,12 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
 
 
 @pytest.mark.parametrize("edit_tensors,edit_meta,match", [
-    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.planes", t["model.layers.0.mlp.up_proj.planes"][:, :5]),
+    (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:, :5]),
      None, "damaged"),
     (lambda t: t.pop("model.layers.1.self_attn.o_proj.alpha"), None, "damaged"),
     (lambda t: t.pop("model.norm.weight"), None, "does not match"),
     (None, lambda m: m.__setitem__("format_version", "99"), "format version 99"),
-    (None, lambda m: m.__setitem__("format", "other"), "not an llmbin packed checkpoint"),
+    (None, lambda m: m.__setitem__("llmbin_format", "other"), "not an llmbin packed checkpoint"),
 ])
 def test_tampered_checkpoint_gets_a_clear_error(saved, tmp_path, edit_tensors, edit_meta, match):
     dst = _copy(saved[1], tmp_path)
@@ -125,7 +125,7 @@ def test_every_method_saves_and_loads_bit_identically(method, options, tmp_path)
     model = llmbin.quantize(tiny_model("llama"), llmbin.make_config(method, **options), CALIB, progress=False)
     llmbin.save(model, None, tmp_path / "ckpt")
     loaded = llmbin.load(tmp_path / "ckpt")
-    assert loaded.config.quantization_config["method"] == method
+    assert loaded.config.quantization_config.method == method
     with torch.no_grad():
         assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)
     assert bit_report(loaded)["bits_per_weight"] == pytest.approx(bit_report(model)["bits_per_weight"])
@@ -146,16 +146,15 @@ def test_sharded_checkpoint_round_trips(sharded):
     assert len(files) > 2 and sorted(set(index["weight_map"].values())) == files
     assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"  # transformers' names
     packed = set(llmbin.checkpoint.binary_modules(model))
-    described = set()
+    stored = set()
     for name in files:
         with safe_open(str(out / name), "pt") as f:
             meta = f.metadata()
             layers = json.loads(meta["layers"])
-            assert meta["format"] == "llmbin-packed"
-            # each shard describes exactly the packed layers that have tensors in it
-            assert set(layers) == {k.rsplit(".", 1)[0] for k in f.keys()} & packed
-            described |= set(layers)
-    assert described == packed
+            assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed"
+            assert set(layers) == packed  # each shard describes every packed layer, as save_pretrained writes them
+            stored |= {k.rsplit(".", 1)[0] for k in f.keys()} & packed
+    assert stored == packed
     loaded = llmbin.load(out)
     with torch.no_grad():
         assert torch.equal(loaded(INPUT).logits, model(INPUT).logits)

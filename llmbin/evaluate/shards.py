@@ -42,11 +42,19 @@ def shard_path(folder: str | os.PathLike, task: str, start: int, end: int) -> Pa
 
 def model_sha256(model) -> str:
     """A digest of every tensor in the state dict (names, dtypes, shapes, bytes): shards of a
-    re-created checkpoint merge only if it has the same weights, bit for bit."""
+    re-created checkpoint merge only if it has the same weights, bit for bit.
+
+    Packed sign planes are named by their ``PackedWeight`` field, ``planes``, not by their stored
+    name (``weight`` since format version 3), so that rename left earlier digests valid."""
     import torch
 
+    from ..nn.binary_linear import BinaryLinear
+    from ..packing.packed_weight import PLANES_NAME
+
+    planes = {f"{name}.{PLANES_NAME}" for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    state = {(k.removesuffix(PLANES_NAME) + "planes" if k in planes else k): v for k, v in model.state_dict().items()}
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes())

@@ -100,10 +100,28 @@ def prepare_tasks(tasks: list[str], *, limit: int | None = None, batch_size: int
     return data, manager
 
 
+def checkpoint_lm(path: str | os.PathLike, *, dtype=None, device: str = "cpu", device_map=None,
+                  offload_folder: str | None = None, batch_size: int = 8):
+    """lm-eval's ``HFLM`` built from a checkpoint's path, as ``lm_eval --model hf --model_args
+    pretrained=PATH`` builds it: transformers loads it through llmbin's quantizer, and with a
+    ``device_map`` lm-eval's own ``parallelize`` placement applies (blocks over GPUs, CPU, disk)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from ..checkpoint import check_checkpoint, load_error
+
+    path = check_checkpoint(path)
+    try:
+        return HFLM(pretrained=str(path), dtype=dtype, device=device, batch_size=batch_size,
+                    parallelize=device_map is not None, device_map=device_map, offload_folder=offload_folder,
+                    offload_buffers=True)  # the packed weights are buffers: offloaded with the rest
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise load_error(exc, path, device_map) from None
+
+
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
               task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
               docs: dict[str, list[int]] | None = None) -> dict:
-    """Run ``tasks`` with lm-eval; returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
+    """Run ``tasks`` with lm-eval on ``model`` (a model, or an ``HFLM`` such as :func:`checkpoint_lm`'s); returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
     "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
     prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes.
 
@@ -116,13 +134,7 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     from lm_eval import simple_evaluate  # after prepare_tasks, which turns a missing lm-eval into a one-line error
     from lm_eval.models.huggingface import HFLM
 
-    # HFLM parses a dict quantization_config with transformers, which does not know llmbin's.
-    qconfig = model.config.__dict__.pop("quantization_config", None)
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    finally:
-        if qconfig is not None:
-            model.config.quantization_config = qconfig
+    lm = model if isinstance(model, HFLM) else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, samples=docs, task_manager=manager,
                               log_samples=docs is not None, use_cache=None if cache is None else str(cache))

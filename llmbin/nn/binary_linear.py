@@ -56,7 +56,7 @@ class BinaryLinear(nn.Module):
         key = (tuple(map(id, buffers)), tuple(map(_VERSION, buffers)))
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
-        if rows is not None and rows > LUT_MAX_WORK and self.planes.is_cpu:
+        if rows is not None and rows > LUT_MAX_WORK and self.weight.is_cpu:
             if self._light is None or self._light[0] != key:
                 self._light = (key, kernels.build_plan(self.packed(), tiles=False, salient_stream=True))
             return self._light[1]

@@ -64,27 +64,51 @@ def serve_half_weights(model: nn.Module, storage_dtype: torch.dtype) -> int:
     Parameter). A weight may already be in ``storage_dtype`` (a checkpoint just read) or be fp32
     holding such values (a quantized model rounded to them); one that would not narrow exactly
     stays fp32. Returns the number of modules swapped."""
+    def half(name: str, module: nn.Module) -> torch.Tensor | None:
+        ok = module.weight.is_cpu and module.weight.dtype in (torch.float32, storage_dtype)
+        return _narrow(module.weight, storage_dtype) if ok else None
+
+    return _swap_half(model, half)
+
+
+def half_weight_skeleton(model: nn.Module, stored_half: set[str], storage_dtype: torch.dtype) -> int:
+    """Before loading: give every plain ``nn.Linear`` / ``nn.Embedding`` of a meta skeleton whose
+    weight is stored in ``storage_dtype`` (``stored_half``: state-dict names) its ``HalfWeight*``
+    twin, empty on meta, so the 16-bit tensors load straight into it: an fp32 model never holds
+    an fp32 copy of its embeddings, even for a moment."""
+    def half(name: str, module: nn.Module) -> torch.Tensor | None:
+        if module.weight.is_meta and f"{name}.weight" in stored_half:
+            return torch.empty(module.weight.shape, dtype=storage_dtype, device="meta")
+        return None
+
+    return _swap_half(model, half)
+
+
+def _swap_half(model: nn.Module, half_of) -> int:
+    """Swap each plain linear / embedding for which ``half_of(name, module)`` gives a 16-bit weight."""
     from ..models import set_submodule  # models imports this package
 
     swapped, served = 0, {}
     modules = list(model.named_modules())
     for name, module in modules:
-        if type(module) is not nn.Linear or not module.weight.is_cpu or module.weight.dtype not in (torch.float32, storage_dtype):
+        if type(module) is not nn.Linear:
             continue
-        half = _narrow(module.weight, storage_dtype)
+        half = half_of(name, module)
         if half is None:
             continue
-        layer = HalfWeightLinear(half, None if module.bias is None else module.bias.detach().float())
+        bias = None if module.bias is None else (module.bias.detach() if module.bias.is_meta else module.bias.detach().float())
+        layer = HalfWeightLinear(half, bias)
         served[id(module.weight)] = layer.weight
         set_submodule(model, name, layer)
         swapped += 1
     for name, module in modules:
-        if type(module) is not nn.Embedding or not module.weight.is_cpu or module.max_norm is not None:
+        if type(module) is not nn.Embedding or module.max_norm is not None:
             continue
         shared = served.get(id(module.weight))
-        half = shared if shared is not None else _narrow(module.weight, storage_dtype)
+        half = shared if shared is not None else half_of(name, module)
         if half is None:
-            module.weight.data = module.weight.data.float()
+            if module.weight.is_cpu and module.weight.dtype != torch.float32:
+                module.weight.data = module.weight.data.float()
             continue
         emb = HalfWeightEmbedding(half, module.padding_idx, torch.float32)
         if shared is not None:

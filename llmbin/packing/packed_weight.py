@@ -1,4 +1,4 @@
-"""The packed representation of one quantized weight matrix (checkpoint format version 2).
+"""The packed representation of one quantized weight matrix (checkpoint format version 3).
 
 Every weight ``(r, c)`` has a *class* κ(r, c) and P sign bits ``b[p, r, c]``; with
 ``g = c // group_size`` the weight is
@@ -19,7 +19,11 @@ Every weight ``(r, c)`` has a *class* κ(r, c) and P sign bits ``b[p, r, c]``; w
   bit planes, in row-major position order; positions are coded by ``positions``.
 
 Sign planes and the column mask are packed along the input dimension (see ``bitpack``).
-Version 1 files (PB-LLM only: no terms, one mean) read as terms ``(p, 0)`` and means ``(0,)``.
+
+Stored names: the sign planes are stored as ``weight`` (version 3; ``planes`` before), the
+name every ``nn.Linear`` weight has. A program that does not know the format (transformers
+without ``import llmbin``) then meets a uint8 ``(P, N, row_bytes)`` tensor where it expects
+an ``(N, K)`` float weight and refuses to load, instead of initialising that layer at random.
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ import torch
 from .bitpack import pack_bits, pack_codes, packed_row_bytes, unpack_bits, unpack_codes
 from .positions import decode_positions, encode_positions
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (3,)
+PLANES_NAME = "weight"  # the stored name of the sign planes (see the module docstring)
 
 
 @dataclass
@@ -124,7 +129,7 @@ class PackedWeight:
 
     # -- serialisation -------------------------------------------------------------------
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"planes": self.planes, "alpha": self.alpha}
+        out = {PLANES_NAME: self.planes, "alpha": self.alpha}
         optional = {"mu": self.mu, "column_mask": self.column_mask, "col_scale": self.col_scale}
         out.update({k: v for k, v in optional.items() if v is not None})
         if self.salient is not None:
@@ -152,13 +157,8 @@ class PackedWeight:
         checking every shape against the metadata unless ``validate`` is false."""
         take = lambda name: tensors[f"{prefix}.{name}" if prefix else name]  # noqa: E731
         N, K = meta["shape"]
-        P, G = meta["planes"], -(-K // meta["group_size"])
-        legacy = "terms" not in meta  # format version 1
-        terms = tuple(tuple(t) for t in meta["terms"]) if not legacy else tuple((p, 0) for p in range(P))
-        means = tuple(meta["means"]) if not legacy else (0,)
+        terms, means = tuple(tuple(t) for t in meta["terms"]), tuple(meta["means"])
         mu = take("mu") if means else None
-        if legacy:
-            mu = mu.unsqueeze(0)
         column_mask = take("column_mask") if meta.get("column_mask") else None
         col_scale = take("col_scale") if meta.get("col_scale") else None
         salient = None
@@ -166,7 +166,7 @@ class PackedWeight:
             sm = meta["salient"]
             salient = SalientPart(take("salient_positions"), sm["encoding"], sm["count"], take("salient_magnitudes"),
                                   take("salient_scale"), sm["bits"])
-        pw = cls((N, K), take("planes"), take("alpha"), mu, meta["group_size"], terms, means, meta.get("class_plane"),
+        pw = cls((N, K), take(PLANES_NAME), take("alpha"), mu, meta["group_size"], terms, means, meta.get("class_plane"),
                  column_mask, col_scale, salient, bool(meta.get("pow2_planes", False)))
         if validate:
             pw._validate()
@@ -195,7 +195,7 @@ class PackedWeight:
             s = self.salient
             if tuple(s.scale.shape) != (N,) or s.magnitudes.shape[0] != s.bits - 1 or s.magnitudes.shape[1] * 8 < s.count:
                 raise ValueError("salient tensors do not match their metadata")
-            if decode_positions(s.encoding, s.positions, (N, K)).numel() != s.count:
+            if not s.positions.is_meta and decode_positions(s.encoding, s.positions, (N, K)).numel() != s.count:
                 raise ValueError("salient positions do not match the salient count")
 
     def storage_bits(self) -> int:

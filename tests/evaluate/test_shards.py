@@ -75,6 +75,22 @@ def test_the_model_digest_sees_a_single_changed_weight():
     assert shards.model_sha256(model) != before
 
 
+def test_the_digest_of_a_packed_model_names_its_planes_as_format_2_did():
+    import hashlib
+
+    import llmbin
+    from llmbin.nn.binary_linear import BinaryLinear
+
+    model = llmbin.quantize(tiny_model("llama"), llmbin.make_config("rtn-sign"), torch.zeros(1, 8, dtype=torch.long),
+                            progress=False)
+    packed = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    digest = hashlib.sha256()  # the digest as computed before format 3 stored the planes as "weight"
+    for name, t in sorted((k[:-len("weight")] + "planes" if k in packed else k, v) for k, v in model.state_dict().items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.contiguous().reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
+    assert packed and shards.model_sha256(model) == digest.hexdigest()
+
+
 def test_a_broken_or_foreign_shard_file_is_a_clear_error(tmp_path):
     (tmp_path / "piqa-00000-00010.json").write_text('{"task": "piqa", "do')
     with pytest.raises(LlmbinError, match="is not valid JSON .*delete it and rerun"):
