@@ -15,5 +15,6 @@ from .registry import available_methods, make_config  # noqa: E402
 
 _register_with_transformers()  # AutoModelForCausalLM.from_pretrained(checkpoint) works once llmbin is imported
 
-__all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods", "calibration_windows", "load",
-           "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config", "save"]
+__all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods",
+           "calibration_windows", "load", "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config",
+           "save"]

@@ -121,8 +121,9 @@ def checkpoint_lm(path: str | os.PathLike, *, dtype=None, device: str = "cpu", d
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
               task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
               docs: dict[str, list[int]] | None = None) -> dict:
-    """Run ``tasks`` with lm-eval on ``model`` (a model, or an ``HFLM`` such as :func:`checkpoint_lm`'s); returns ``{"tasks": {task: {metric: value}}, "stderr": {...},
-    "average": mean acc, "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
+    """Run ``tasks`` with lm-eval on ``model`` (a model, or an ``HFLM`` such as :func:`checkpoint_lm`'s);
+    returns ``{"tasks": {task: {metric: value}}, "stderr": {...}, "average": mean acc,
+    "task_data": folder or None, "limit": limit}``. With ``cache`` (a path
     prefix), lm-eval keeps every scored request in SQLite there, so an interrupted run resumes.
 
     ``docs`` ({task: document indices}, instead of ``limit``) scores only those documents and adds
