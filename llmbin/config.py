@@ -105,7 +105,6 @@ class BiLLMConfig(QuantConfig):
     the other weights split at a searched magnitude break-point into two binarized classes."""
 
     method: ClassVar[str] = "billm"
-    column_scales: ClassVar[bool] = False  # ARB-RC: scales α_row·β_column instead of α_row + μ_row
     salient_metric: str = "hessian"
     max_salient_columns: int = 30  # the salient column count is searched in [1, this] per block
     split_points: int = 81  # break-point candidates: this many quantiles of |w| from 10 % to 90 %
@@ -136,5 +135,4 @@ class ARBRCConfig(BiLLMConfig):
     refined alternately."""
 
     method: ClassVar[str] = "arb-rc"
-    column_scales: ClassVar[bool] = True
     refine_iters: int = 15

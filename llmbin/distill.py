@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .nn.binary_linear import BinaryLinear
+from .packing.packed_weight import STORAGE_DTYPE
 
 SCALE_BUFFERS = ("alpha", "mu", "col_scale")
 
@@ -55,7 +56,7 @@ def _freeze(student: torch.nn.Module) -> None:
             for name in SCALE_BUFFERS:
                 buf = getattr(module, name, None)
                 if buf is not None:
-                    setattr(module, name, buf.detach().half())
+                    setattr(module, name, buf.detach().to(STORAGE_DTYPE))
     for p in student.parameters():
         p.requires_grad_(False)
 

@@ -65,7 +65,7 @@ class LlmbinHfQuantizer(HfQuantizer):
         # On the CPU that would run every layer in fp16, which CPUs compute slowly and llmbin's
         # kernels do not target: such a load computes in float32 (exactly what llmbin.quantize
         # computed). bfloat16 and float32 are kept as asked.
-        if getattr(self, "_host_only", False) and dtype == torch.float16:
+        if getattr(self, "_host_only", False) and dtype == STORAGE_DTYPE:
             logger.info("llmbin: a packed model on the CPU computes in float32 rather than float16 "
                         "(its packed weights and fp16 embeddings stay as stored)")
             return torch.float32

@@ -18,11 +18,10 @@ from safetensors.torch import save_file
 
 from .errors import LlmbinError
 from .nn.binary_linear import BinaryLinear
-from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, PackedWeight
+from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, STORAGE_DTYPE, PackedWeight
 
 FORMAT_NAME = "llmbin-packed"
 FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
-STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (embeddings, norms, scales)
 
 
 def as_stored(value: torch.Tensor) -> torch.Tensor:
@@ -75,14 +74,15 @@ def file_header(path: Path) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     layers = file_layers(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: torch.empty(f.get_slice(k).get_shape(), dtype=_DTYPES[f.get_slice(k).get_dtype()], device="meta")
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), dtype=SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()],
+                                     device="meta")
                       for k in f.keys()}
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
     return layers, shapes
 
 
-_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
            "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 

@@ -16,8 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import LlmbinError
 from .shards import by_file, shard_files
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+from .storage import SAFETENSORS_DTYPES
 
 
 def stored_float_dtype(files: dict[str, Path]) -> torch.dtype | None:
@@ -28,8 +27,8 @@ def stored_float_dtype(files: dict[str, Path]) -> torch.dtype | None:
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
                     piece = f.get_slice(name)
-                    dtype = _DTYPES.get(piece.get_dtype())
-                    if dtype is not None:
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
                         counts[dtype] += dtype.itemsize * torch.Size(piece.get_shape()).numel()
     except (OSError, ValueError, SafetensorError) as exc:
         raise LlmbinError(f"a safetensors shard is unreadable ({exc}); copy or download the model again") from None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ARBRCConfig, ARBXConfig, BiLLMConfig
-from ..packing.packed_weight import PackedWeight
+from ..packing.packed_weight import PackedWeight, stored_float
 from ..registry import register_method
 from .gptq import gptq_reconstruct
 from .hessian import damped_hessian, prepared_inverse
@@ -101,9 +101,24 @@ def rc_fit(W: torch.Tensor, keep: torch.Tensor, P: int, iters: int) -> tuple[tor
     return torch.stack(alphas), torch.stack(betas)
 
 
-def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig) -> dict:
+def mean_and_row_scale(W: torch.Tensor, keep: torch.Tensor, planes: int, refine_iters: int):
+    """BiLLM / ARB-X class code ``μ_r + Σ α_r s``: closed form, then ARB's alternating refinement."""
+    m, a, _ = residual_fit(W, keep, planes)
+    if refine_iters:
+        m, a = refine_fit(W, keep, m, a, refine_iters)
+    return m, a, None
+
+
+def row_and_column_scales(W: torch.Tensor, keep: torch.Tensor, planes: int, refine_iters: int):
+    """ARB-RC class code ``Σ α_r β_c s``, no mean."""
+    a, bt = rc_fit(W, keep, planes, refine_iters)
+    return None, a, bt
+
+
+def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig, fit_class) -> dict:
     """The block's structure and scales: salient columns, per-class ``μ (3, N)``, ``α (4, N)``
-    and, for ARB-RC, column scales ``β (4, b)``; all rounded to what the checkpoint stores."""
+    and column scales ``β (4, b)`` (ones unless ``fit_class`` gives them; ``fit_class`` is one of
+    the two class codes above); all rounded to what the checkpoint stores."""
     order = torch.argsort(saliency, descending=True)
     count = salient_column_count(W, order, config.max_salient_columns)
     salient = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
@@ -117,23 +132,32 @@ def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig) -> d
     for c, keep in masks.items():
         planes = 2 if c == SALIENT else 1
         slots = [t for t, (_, cls) in enumerate(TERMS) if cls == c]
-        if config.column_scales:
-            a, bt = rc_fit(W, keep, planes, config.refine_iters)
-            beta[slots] = bt
-        else:
-            m, a, _ = residual_fit(W, keep, planes)
-            if config.refine_iters:
-                m, a = refine_fit(W, keep, m, a, config.refine_iters)
+        m, a, bt = fit_class(W, keep, planes, config.refine_iters)
+        if m is not None:
             mu[c] = m
+        if bt is not None:
+            beta[slots] = bt
         alpha[slots] = a
-    half = lambda t: t.half().float()  # noqa: E731
-    return {"salient": salient, "mu": half(mu), "alpha": half(alpha), "beta": half(beta)}
+    return {"salient": salient, "mu": stored_float(mu), "alpha": stored_float(alpha), "beta": stored_float(beta)}
 
 
 @register_method(BiLLMConfig)
 @register_method(ARBXConfig)
-@register_method(ARBRCConfig)
 def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> PackedWeight:
+    """BiLLM and ARB-X: each class coded as a mean plus row scales."""
+    return structured_binarize(W, H, config, mean_and_row_scale, column_scales=False)
+
+
+@register_method(ARBRCConfig)
+def arb_rc_quantize(W: torch.Tensor, H: torch.Tensor, config: ARBRCConfig) -> PackedWeight:
+    """ARB-RC: each class coded with row times column scales, no mean."""
+    return structured_binarize(W, H, config, row_and_column_scales, column_scales=True)
+
+
+def structured_binarize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig, fit_class, *,
+                        column_scales: bool) -> PackedWeight:
+    """The shared GPTQ loop of BiLLM and ARB: ``fit_class`` codes each class of a block; with
+    ``column_scales`` (ARB-RC's code) the layout stores column scales and no means."""
     H = H.float()
     W, U = prepared_inverse(W.float(), H, config.percdamp)
     N, K = W.shape
@@ -148,7 +172,7 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> Pac
     def begin_block(W1: torch.Tensor, start: int) -> None:
         cols = slice(start, start + W1.shape[1])
         score = (W1**2 / udiag[cols][None] ** 2).sum(0) if config.salient_metric == "hessian" else W1.abs().sum(0)
-        fit = fit_block(W1, score, config)
+        fit = fit_block(W1, score, config, fit_class)
         g = start // bs
         salient[cols], mu[:, :, g], alpha[:, :, g], beta[:, cols] = fit["salient"], fit["mu"], fit["alpha"], fit["beta"]
         current.update(fit, start=start)
@@ -169,7 +193,7 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> Pac
         return levels.gather(0, best[None])[0]
 
     gptq_reconstruct(W, U, quantize_column, bs, begin_block)
-    packed = PackedWeight.from_codes(bits, alpha, None if config.column_scales else mu, bs, terms=TERMS,
-                                     means=() if config.column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
-                                     column_mask=salient, col_scale=beta if config.column_scales else None)
+    packed = PackedWeight.from_codes(bits, alpha, None if column_scales else mu, bs, terms=TERMS,
+                                     means=() if column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
+                                     column_mask=salient, col_scale=beta if column_scales else None)
     return refit_scales(packed, W, damped_hessian(H, config.percdamp)) if config.refit_scales else packed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DBLLMConfig
-from ..packing.packed_weight import PackedWeight
+from ..packing.packed_weight import PackedWeight, stored_float
 from ..registry import register_method
 from .grouped import reconstruct_levels
 from .hessian import damped_hessian, prepared_inverse
@@ -23,7 +23,7 @@ from .refit import refit_scales
 def fit_dual(W: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.ones_like(W, dtype=torch.bool)
     mu, alpha = refine_fit(W, keep, *uniform_init(W, keep, 2), iters)
-    return mu.half().float(), alpha.half().float()
+    return stored_float(mu), stored_float(alpha)
 
 
 @register_method(DBLLMConfig)

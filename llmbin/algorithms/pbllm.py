@@ -9,7 +9,7 @@ import torch
 
 from ..config import PBLLMConfig
 from ..registry import register_method
-from ..packing.packed_weight import PackedWeight
+from ..packing.packed_weight import STORAGE_DTYPE, PackedWeight, stored_float
 from .binarize import fit_binary
 from .gptq import gptq_reconstruct
 from .hessian import damped_hessian, prepared_inverse
@@ -34,7 +34,7 @@ def symmetric_scale(W: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Ten
     """Per-row scale of a symmetric ``bits``-bit grid covering the masked weights, fp16-exact."""
     qmax = 2 ** (bits - 1) - 1
     scale = (W.abs() * mask).amax(dim=1) / qmax
-    scale = scale.to(torch.float16).to(W.dtype)
+    scale = scale.to(STORAGE_DTYPE).to(W.dtype)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -84,7 +84,7 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
     qmax = 2 ** (config.salient_bits - 1) - 1
     sigma = symmetric_scale(W, mask, config.salient_bits)
     mu, alpha = fit_binary(W, ~mask)
-    mu, alpha = mu.half().float(), alpha.half().float()  # quantize against what the checkpoint stores
+    mu, alpha = stored_float(mu), stored_float(alpha)  # quantize against what the checkpoint stores
 
     def quantize_column(w: torch.Tensor, j: int) -> torch.Tensor:
         binary = mu + alpha * torch.where(w >= mu, 1.0, -1.0)
@@ -99,8 +99,8 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         new_mu, new_alpha = refit_binary_scales(W, damped_hessian(H, config.percdamp), ~mask, upper,
                                                 torch.where(mask, Q, 0.0))
         keep = torch.isnan(new_mu) | torch.isnan(new_alpha)
-        mu = torch.where(keep, mu, new_mu.float()).half().float()
-        alpha = torch.where(keep, alpha, new_alpha.float()).half().float()
+        mu = stored_float(torch.where(keep, mu, new_mu.float()))
+        alpha = stored_float(torch.where(keep, alpha, new_alpha.float()))
     bits = torch.where(mask, ints > 0, upper).unsqueeze(0)
     return PackedWeight.from_codes(bits, alpha[None, :, None], mu[None, :, None], W.shape[1], salient_mask=mask,
                                    salient_mag=ints.abs(), salient_scale=sigma, salient_bits=config.salient_bits)

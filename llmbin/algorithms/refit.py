@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from ..packing.bitpack import unpack_bits
-from ..packing.packed_weight import PackedWeight
+from ..packing.packed_weight import STORAGE_DTYPE, PackedWeight
 from ..packing.positions import decode_positions
 from .metrics import hessian_weighted_error
 
@@ -65,7 +65,7 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
             change = torch.einsum("nks,ns->nk", A, delta)
             R[:, cols] -= change
             HR -= change @ H[cols, :]
-    new = replace(pw, alpha=params[:T].half(), mu=params[T:].half() if pw.mu is not None else None)
+    new = replace(pw, alpha=params[:T].to(STORAGE_DTYPE), mu=params[T:].to(STORAGE_DTYPE) if pw.mu is not None else None)
     if hessian_weighted_error(W, new.decode(torch.float64), H) > hessian_weighted_error(W, original, H):
         return pw
     return new

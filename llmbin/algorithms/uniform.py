@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GPTQConfig
-from ..packing.packed_weight import PackedWeight
+from ..packing.packed_weight import PackedWeight, stored_float
 from ..registry import register_method
 from .grouped import reconstruct_levels
 from .hessian import prepared_inverse
@@ -20,10 +20,10 @@ def uniform_grid(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     rounded to fp16 exactly as stored."""
     qmax = 2**bits - 1
     lo, hi = W.amin(dim=1).clamp_max(0), W.amax(dim=1).clamp_min(0)
-    step = ((hi - lo) / qmax).half().float()
+    step = stored_float((hi - lo) / qmax)
     step = torch.where(step > 0, step, torch.ones_like(step))
     zero = torch.round(-lo / step)
-    mu = (step * (qmax / 2 - zero)).half().float()
+    mu = stored_float(step * (qmax / 2 - zero))
     return mu, torch.stack([step * 2 ** (p - 1) for p in range(bits)])
 
 

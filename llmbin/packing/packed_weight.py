@@ -37,7 +37,14 @@ from .positions import decode_positions, encode_positions
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (3,)
+STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (scales, means, embeddings, norms)
 PLANES_NAME = "weight"  # the stored name of the sign planes (see the module docstring)
+
+
+def stored_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to ``STORAGE_DTYPE`` and back to float32: the values a checkpoint will hold,
+    so that a fit is finished against what is stored rather than against its float32 optimum."""
+    return t.to(STORAGE_DTYPE).float()
 
 
 @dataclass
@@ -87,9 +94,9 @@ class PackedWeight:
             encoding, stream = encode_positions(salient_mask)
             mags = salient_mag[salient_mask]
             salient = SalientPart(stream, encoding, int(mags.numel()), pack_codes(mags, salient_bits - 1),
-                                  salient_scale.to(torch.float16), salient_bits)
-        half = lambda t: None if t is None else t.to(torch.float16)  # noqa: E731
-        return cls(shape, pack_bits(bits), alpha.to(torch.float16), half(mu), group_size, terms, means, class_plane,
+                                  salient_scale.to(STORAGE_DTYPE), salient_bits)
+        half = lambda t: None if t is None else t.to(STORAGE_DTYPE)  # noqa: E731
+        return cls(shape, pack_bits(bits), alpha.to(STORAGE_DTYPE), half(mu), group_size, terms, means, class_plane,
                    None if column_mask is None else pack_bits(column_mask), half(col_scale), salient, pow2_planes)
 
     def classes(self, bits: torch.Tensor | None = None) -> torch.Tensor:
