@@ -22,6 +22,9 @@ from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, STORAGE_DT
 
 FORMAT_NAME = "llmbin-packed"
 FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
+SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                      "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                      "BOOL": torch.bool}  # a safetensors header's dtype names
 
 
 def as_stored(value: torch.Tensor) -> torch.Tensor:
@@ -80,10 +83,6 @@ def file_header(path: Path) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
     return layers, shapes
-
-
-SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool}
 
 
 def read_tensors(path: Path, names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
