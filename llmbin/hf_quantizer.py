@@ -55,6 +55,7 @@ class LlmbinHfQuantizer(HfQuantizer):
     """Loads packed checkpoints (it cannot quantize on load: ``llmbin quantize`` calibrates first)."""
 
     requires_calibration = True
+    _host_only = False  # set from from_pretrained's device_map: the load computes on the CPU
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         check_version(self.quantization_config.format_version, "this checkpoint's config.json")
@@ -65,13 +66,13 @@ class LlmbinHfQuantizer(HfQuantizer):
         # On the CPU that would run every layer in fp16, which CPUs compute slowly and llmbin's
         # kernels do not target: such a load computes in float32 (exactly what llmbin.quantize
         # computed). bfloat16 and float32 are kept as asked.
-        if getattr(self, "_host_only", False) and dtype == STORAGE_DTYPE:
+        if self._host_only and dtype == STORAGE_DTYPE:
             logger.info("llmbin: a packed model on the CPU computes in float32 rather than float16 "
                         "(its packed weights and fp16 embeddings stay as stored)")
             return torch.float32
         return dtype
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, device_map=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if not checkpoint_files:
             raise LlmbinError("an llmbin checkpoint loads from its folder's safetensors files: "
                               "call from_pretrained(folder) without state_dict=")
@@ -85,10 +86,14 @@ class LlmbinHfQuantizer(HfQuantizer):
             raise LlmbinError(f"{Path(checkpoint_files[0]).parent} describes no packed layer; re-create the checkpoint")
         _check_index(Path(checkpoint_files[0]).parent, held)
         dtype = dtype or torch.get_default_dtype()
+        by_module: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {tensor name: meta tensor}
+        for key, value in shapes.items():
+            module, _, tensor = key.rpartition(".")
+            by_module.setdefault(module, {})[tensor] = value
         for name, layout in layers.items():
-            set_submodule(model, name, _empty_binary_linear(model, name, layout, shapes, dtype))
+            set_submodule(model, name, _empty_binary_linear(model, name, layout, by_module.get(name, {}), dtype))
         _check_keys(model, shapes, Path(checkpoint_files[0]).parent)
-        if dtype == torch.float32 and _host_only(device_map):
+        if dtype == torch.float32 and self._host_only:
             stored_half = {k for k, v in shapes.items() if v.dtype == STORAGE_DTYPE}
             half_weight_skeleton(model, stored_half | _tied_to(model, stored_half), STORAGE_DTYPE)
         return model
@@ -141,8 +146,9 @@ def mark_quantized(model: nn.Module, record: dict) -> None:
     model.config._is_quantized = True
 
 
-def _empty_binary_linear(model: nn.Module, name: str, layout: dict, shapes: dict, dtype: torch.dtype) -> BinaryLinear:
-    """A ``BinaryLinear`` of ``layout`` whose buffers are empty meta tensors of the stored shapes."""
+def _empty_binary_linear(model: nn.Module, name: str, layout: dict, own: dict, dtype: torch.dtype) -> BinaryLinear:
+    """A ``BinaryLinear`` of ``layout`` whose buffers are empty meta tensors of the stored shapes
+    (``own``: the layer's stored tensors by their short names)."""
     try:
         target = model.get_submodule(name)
     except AttributeError:
@@ -150,8 +156,6 @@ def _empty_binary_linear(model: nn.Module, name: str, layout: dict, shapes: dict
     if not isinstance(target, nn.Linear):
         raise LlmbinError(f"checkpoint layer {name} is not a linear layer of a {type(model).__name__}; "
                           "the checkpoint does not match its config.json, re-create it")
-    prefix = f"{name}."
-    own = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
     try:
         packed = PackedWeight.from_tensors(own, "", layout)
     except (KeyError, ValueError, TypeError) as exc:

@@ -51,6 +51,15 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
 
 
+def packed_checkpoint(model, calibration, out, tokenizer=None):
+    """``model`` quantized with PB-LLM's defaults and saved to ``out`` (with ``tokenizer`` if given): (model, out)."""
+    import llmbin
+
+    model = llmbin.quantize(model, llmbin.make_config("pb-llm"), calibration, progress=False)
+    llmbin.save(model, tokenizer, out)
+    return model, out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("models") / "tiny-llama"

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import llmbin
 from llmbin.bits import bit_report, directory_bytes
 from llmbin.errors import LlmbinError
-from tests.conftest import tiny_model
+from tests.conftest import packed_checkpoint, tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
 INPUT = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -16,10 +16,7 @@ INPUT = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def saved(request, tmp_path_factory):
-    model = llmbin.quantize(tiny_model(request.param), llmbin.PBLLMConfig(), CALIB, progress=False)
-    out = tmp_path_factory.mktemp("ckpt") / request.param
-    llmbin.save(model, None, out)
-    return model, out
+    return packed_checkpoint(tiny_model(request.param), CALIB, tmp_path_factory.mktemp("ckpt") / request.param)
 
 
 def test_saved_then_loaded_logits_are_identical(saved):

@@ -16,7 +16,7 @@ import llmbin
 from llmbin.errors import LlmbinError
 from llmbin.nn.binary_linear import BinaryLinear
 from llmbin.nn.half_weights import HalfWeightEmbedding, HalfWeightLinear
-from tests.conftest import tiny_model
+from tests.conftest import packed_checkpoint, tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
 INPUT = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -30,10 +30,7 @@ def logits(model):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])  # tied lm_head; q/k/v biases; untied lm_head
 def saved(request, tmp_path_factory, tokenizer):
-    model = llmbin.quantize(tiny_model(request.param), llmbin.make_config("pb-llm"), CALIB, progress=False)
-    out = tmp_path_factory.mktemp("ckpt") / request.param
-    llmbin.save(model, tokenizer, out)
-    return model, out
+    return packed_checkpoint(tiny_model(request.param), CALIB, tmp_path_factory.mktemp("ckpt") / request.param, tokenizer)
 
 
 def test_from_pretrained_gives_the_packed_model_and_llmbin_loads_logits(saved):
@@ -67,11 +64,7 @@ def six_blocks(tmp_path_factory):
 
     config = transformers.LlamaConfig(**{**tiny_config("llama").to_dict(), "num_hidden_layers": 6})
     torch.manual_seed(0)
-    model = llmbin.quantize(AutoModelForCausalLM.from_config(config).eval(), llmbin.make_config("pb-llm"), CALIB,
-                            progress=False)
-    out = tmp_path_factory.mktemp("ckpt") / "six"
-    llmbin.save(model, None, out)
-    return model, out
+    return packed_checkpoint(AutoModelForCausalLM.from_config(config).eval(), CALIB, tmp_path_factory.mktemp("ckpt") / "six")
 
 
 def _split(device_map: dict) -> bool:
@@ -136,10 +129,7 @@ def test_dequantize_gives_plain_linears_with_the_same_function(saved):
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, tokenizer):
-    model = llmbin.quantize(tiny_model("llama"), llmbin.make_config("pb-llm"), CALIB, progress=False)
-    out = tmp_path_factory.mktemp("ckpt") / "llama"
-    llmbin.save(model, tokenizer, out)
-    return out
+    return packed_checkpoint(tiny_model("llama"), CALIB, tmp_path_factory.mktemp("ckpt") / "llama", tokenizer)[1]
 
 
 def test_without_llmbin_transformers_refuses_the_checkpoint(llama_dir):
