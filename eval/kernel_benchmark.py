@@ -4,6 +4,8 @@ Operator level: ``BinaryLinear.from_float`` (1 bit per weight plus a per-row sca
 ``F.linear`` with dense fp32 and bf16 weights, same shapes, same run. Each contender cycles
 through enough copies of its weights (and 8 inputs) that its working set is at least twice the
 last-level cache, so no one is flattered by cache hits; the figure is the median of many calls.
+"rotated" is the same packed layer with ``--rotate both``: the transforms of the input and of
+the output around the same kernel call.
 Achieved weight bandwidth (weight bytes / time) is printed next to the machine's measured copy
 bandwidth.
 
@@ -80,6 +82,17 @@ def copies_for(nbytes: int, llc: int) -> int:
     return max(1, min(64, math.ceil(2 * llc / max(nbytes, 1))))
 
 
+def rotated_copy(layer, seed: int):
+    """``layer`` with both-sided incoherence rotation (``--rotate both``): the same kernel call
+    between a transform of the input and the inverse transform of the output."""
+    from dataclasses import replace
+
+    from llmbin.nn import BinaryLinear
+    from llmbin.packing.rotation import LayerRotation
+
+    return BinaryLinear(replace(layer.packed(), rotation=LayerRotation(seed, seed + 1)))
+
+
 def operator_rows(shapes: dict, batches: list[int], min_seconds: float) -> list[dict]:
     from llmbin.nn import BinaryLinear
 
@@ -97,8 +110,10 @@ def operator_rows(shapes: dict, batches: list[int], min_seconds: float) -> list[
                      lambda x, w: F.linear(x.to(torch.bfloat16), w)),
             "packed": ([BinaryLinear.from_float(linear) for _ in range(copies_for(packed_bytes, llc))], packed_bytes,
                        lambda x, layer: layer(x)),
+            "rotated": ([rotated_copy(packed, i) for i in range(copies_for(packed_bytes, llc))], packed_bytes,
+                        lambda x, layer: layer(x)),
         }
-        for layer in contenders["packed"][0]:
+        for layer in contenders["packed"][0] + contenders["rotated"][0]:
             layer(torch.randn(1, K))
         for batch in batches:
             inputs = [torch.randn(batch, K) for _ in range(8)]
@@ -113,7 +128,7 @@ def operator_rows(shapes: dict, batches: list[int], min_seconds: float) -> list[
             row["speedup_vs_bf16"] = row["bf16_us"] / row["packed_us"]
             print(f"{name:28s} batch {batch:3d}: fp32 {row['fp32_us']:9.1f} us  bf16 {row['bf16_us']:9.1f} us  "
                   f"packed {row['packed_us']:9.1f} us  ({row['speedup_vs_fp32']:.1f}x fp32, "
-                  f"{row['speedup_vs_bf16']:.1f}x bf16)", flush=True)
+                  f"{row['speedup_vs_bf16']:.1f}x bf16)  rotated {row['rotated_us']:9.1f} us", flush=True)
             rows.append(row)
     return rows
 
@@ -173,11 +188,12 @@ def e2e_rows(checkpoint: str, new_tokens: int, check_tokens: int) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; copy bandwidth {result['copy_GBps']:.1f} GB/s; "
              f"kernel path: {result['kernel']}", "",
-             "| shape | batch | fp32 µs | bf16 µs | packed µs | × fp32 | × bf16 | packed weight GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | batch | fp32 µs | bf16 µs | packed µs | × fp32 | × bf16 | packed weight GB/s | rotated µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["operator"]:
         lines.append(f"| {r['shape']} | {r['batch']} | {r['fp32_us']:.1f} | {r['bf16_us']:.1f} | {r['packed_us']:.1f} | "
-                     f"{r['speedup_vs_fp32']:.1f} | {r['speedup_vs_bf16']:.1f} | {r['packed_weight_GBps']:.1f} |")
+                     f"{r['speedup_vs_fp32']:.1f} | {r['speedup_vs_bf16']:.1f} | {r['packed_weight_GBps']:.1f} | "
+                     f"{r.get('rotated_us', float('nan')):.1f} |")
     if result.get("e2e"):
         lines += ["", "| SmolLM2-135M generate, batch 1 | tokens/s | × fp32 | RSS after generate MiB | peak RSS MiB (with loading) |",
                   "|---|---|---|---|---|"]

@@ -7,14 +7,20 @@ from typing import ClassVar
 
 from .errors import LlmbinError
 
+ROTATE_CHOICES = ("none", "input", "both")
+
 
 @dataclass
 class QuantConfig:
     method: ClassVar[str] = ""
     percdamp: float = 0.01
     blocksize: int = 128
+    rotate: str = "none"  # incoherence processing: "input" (T·x) or "both" sides (and S·y); see algorithms.incoherence
+    rotate_seed: int = 0
 
     def validate(self) -> None:
+        if self.rotate not in ROTATE_CHOICES:
+            raise LlmbinError(f"--rotate must be one of {', '.join(ROTATE_CHOICES)}, got {self.rotate!r}")
         if not 0 < self.percdamp < 10:
             raise LlmbinError(f"percdamp must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
         if self.blocksize < 1:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .activations import activation_store
 from .algorithms.hessian import accumulate_hessian
+from .algorithms.incoherence import layer_rotation, quantize_rotated
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers, set_submodule
@@ -230,7 +231,7 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index) 
             raise LlmbinError(f"block {index} {name} has NaN or infinite weights; the model file is corrupt, re-download it")
         if not torch.isfinite(H).all():
             raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
-        weight = method(W, H, config)
+        weight = quantize_rotated(method, W, H, config, layer_rotation(config, f"{index}.{name}"))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])

@@ -121,7 +121,7 @@ class LlmbinHfQuantizer(HfQuantizer):
             if isinstance(module, BinaryLinear):
                 linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                    device=module.weight.device, dtype=dtype)
-                linear.weight.data = module.packed().decode(dtype or torch.float32)
+                linear.weight.data = module.packed().dense(dtype or torch.float32)
                 if module.bias is not None:
                     linear.bias.data = module.bias.data.to(linear.weight.dtype)
                 set_submodule(model, name, linear)

@@ -66,7 +66,7 @@ def file_layers(path: Path) -> dict[str, dict]:
 def check_version(version, source) -> None:
     if str(version) not in {str(v) for v in READABLE_VERSIONS}:
         raise LlmbinError(
-            f"{source} uses packed format version {version}, this llmbin reads version "
+            f"{source} uses packed format version {version}, this llmbin reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}; install the llmbin version that wrote it or re-create it with llmbin quantize"
         )
 

@@ -29,12 +29,12 @@ def test_saved_then_loaded_logits_are_identical(saved):
 def test_config_records_method_parameters_and_versions(saved):
     _, out = saved
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 3
+    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 4
     assert q["llmbin_version"] == llmbin.__version__
     assert q["salient_frac"] == 0.1 and q["salient_metric"] == "hessian" and q["percdamp"] == 0.01
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed" and meta["format_version"] == "3"
+    assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed" and meta["format_version"] == "4"
     assert "model.layers.0.self_attn.q_proj" in json.loads(meta["layers"])
 
 
@@ -93,6 +93,15 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
     if edit_meta:
         edit_meta(meta)
     save_file(tensors, str(path), metadata=meta)
+
+
+def test_a_version_3_checkpoint_still_loads(saved, tmp_path):
+    """Version 4 only added the optional rotation; version-3 files (no rotation) read as before."""
+    model, out = saved
+    dst = _copy(out, tmp_path)
+    _rewrite(dst / "model.safetensors", None, lambda m: m.__setitem__("format_version", "3"))
+    with torch.no_grad():
+        assert torch.equal(llmbin.load(dst)(INPUT).logits, model(INPUT).logits)
 
 
 @pytest.mark.parametrize("edit_tensors,edit_meta,match", [
@@ -174,3 +183,27 @@ def test_an_index_that_does_not_match_its_shards_gets_a_clear_error(sharded, tmp
     (dst / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LlmbinError, match="incomplete"):
         llmbin.load(dst)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases, added after the output-side inverse
+@pytest.mark.parametrize("method,options", [("db-llm", {"rotate": "both"}), ("pb-llm", {"rotate": "input"}),
+                                            ("arb-rc", {"blocksize": 32, "rotate": "both", "rotate_seed": 5})])
+def test_rotated_checkpoints_load_to_the_in_memory_models_perplexity_exactly(kind, method, options, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmbin.evaluate.perplexity import perplexity
+    from llmbin.nn import BinaryLinear
+
+    model = llmbin.quantize(tiny_model(kind), llmbin.make_config(method, **options), CALIB, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
+    assert layers and all(m.rotation is not None for m in layers)
+    assert all((m.rotation.output_seed is not None) == (options["rotate"] == "both") for m in layers)
+    llmbin.save(model, None, tmp_path / "ckpt")
+    q = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert q["rotate"] == options["rotate"] and q["rotate_seed"] == options.get("rotate_seed", 0)
+    text = torch.randint(0, 300, (400,), generator=torch.Generator().manual_seed(3))
+    expected = perplexity(model, text, seqlen=64, progress=False)
+    for loaded in (llmbin.load(tmp_path / "ckpt"), AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
+        assert perplexity(loaded, text, seqlen=64, progress=False) == expected
+        seeds = [m.rotation for m in loaded.modules() if isinstance(m, BinaryLinear)]
+        assert seeds == [m.rotation for m in layers]

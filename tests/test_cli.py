@@ -55,6 +55,8 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, text_file, tmp_path, cap
     assert "no config.json" in _error_of(capsys, q + ["--model", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "salient-frac" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                                                     "--salient-frac", "2"])
+    assert "--rotate must be one of none, input, both, got 'sideways'" in _error_of(
+        capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--rotate", "sideways"])
     assert "already exists" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path)])
     short = tmp_path / "short.txt"
     short.write_text("the model")

@@ -10,6 +10,7 @@ from torch import nn
 from .. import kernels
 from ..kernels.ops import LUT_MAX_WORK
 from ..packing.packed_weight import PackedWeight
+from ..packing.rotation import OrthogonalTransform
 
 _VERSION = operator.attrgetter("_version")
 
@@ -22,6 +23,7 @@ class BinaryLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.layout = packed.metadata()
+        self.rotation = packed.rotation
         for name, tensor in packed.named_tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -29,6 +31,7 @@ class BinaryLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self._plan: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, full plan)
         self._light: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, light plan)
+        self._transforms: dict[tuple, tuple[OrthogonalTransform, OrthogonalTransform | None]] = {}
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "BinaryLinear":
@@ -68,20 +71,33 @@ class BinaryLinear(nn.Module):
         # makes the plans and the dense copy stale: drop them rather than keep their memory.
         # Kept, every block a streamed run had finished held its plans (megabytes per layer at 7B).
         self._plan = self._light = self._dense = None
+        self._transforms = {}
         return super()._apply(fn, recurse)
+
+    def transforms(self, x: torch.Tensor) -> tuple[OrthogonalTransform | None, OrthogonalTransform | None]:
+        """The rotation's ``(T, S)`` on ``x``'s device and dtype (built once), or ``(None, None)``."""
+        if self.rotation is None:
+            return None, None
+        key = (x.device, x.dtype)
+        if key not in self._transforms:
+            self._transforms[key] = self.rotation.transforms((self.out_features, self.in_features), x.device, x.dtype)
+        return self._transforms[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = None if self.dense_cache else kernels.kernel_path(x)
         if path is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._trains_scales())):
-            y = kernels.packed_linear(x, self.kernel_plan(x.numel() // self.in_features), path)
+            # rotated: y = Sᵀ·(Ŵ'·(T·x)); the kernel only ever sees the stored codes' matrix Ŵ'
+            T, S = self.transforms(x)
+            y = kernels.packed_linear(x if T is None else T.apply(x), self.kernel_plan(x.numel() // self.in_features), path)
+            y = y if S is None else S.apply_transpose(y)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.dense_cache:
             if self._dense is None or self._dense.dtype != x.dtype:
-                self._dense = self.packed().decode(x.dtype)
+                self._dense = self.packed().dense(x.dtype)
             return F.linear(x, self._dense, bias)
         # the reference path; also whenever autograd needs it (distillation): the kernels have no backward
-        return F.linear(x, self.packed().decode(x.dtype), bias)
+        return F.linear(x, self.packed().dense(x.dtype), bias)
 
     def _trains_scales(self) -> bool:
         return any(b.requires_grad for b in self._buffers.values())
@@ -89,4 +105,4 @@ class BinaryLinear(nn.Module):
     def extra_repr(self) -> str:
         salient = f", salient={self.layout['salient']['count']}" if "salient" in self.layout else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"planes={self.layout['planes']}{salient}")
+                f"planes={self.layout['planes']}{salient}{', rotated' if self.rotation is not None else ''}")

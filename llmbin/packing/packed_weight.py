@@ -1,4 +1,4 @@
-"""The packed representation of one quantized weight matrix (checkpoint format version 3).
+"""The packed representation of one quantized weight matrix (checkpoint format version 4).
 
 Every weight ``(r, c)`` has a *class* κ(r, c) and P sign bits ``b[p, r, c]``; with
 ``g = c // group_size`` the weight is
@@ -20,6 +20,11 @@ Every weight ``(r, c)`` has a *class* κ(r, c) and P sign bits ``b[p, r, c]``; w
 
 Sign planes and the column mask are packed along the input dimension (see ``bitpack``).
 
+Rotated layers (version 4, ``--rotate``): with ``rotation`` set, the codes above describe
+``Ŵ' ≈ S·W·Tᵀ`` for the seeded orthogonal transforms of ``rotation`` (T on the input side, S
+on the output side if it has an output seed) and the layer computes ``y = Sᵀ·Ŵ'·(T·x)``.
+``decode`` gives ``Ŵ'`` (what a kernel computes), ``dense`` the weight in the model's basis.
+
 Stored names: the sign planes are stored as ``weight`` (version 3; ``planes`` before), the
 name every ``nn.Linear`` weight has. A program that does not know the format (transformers
 without ``import llmbin``) then meets a uint8 ``(P, N, row_bytes)`` tensor where it expects
@@ -34,9 +39,10 @@ import torch
 
 from .bitpack import pack_bits, pack_codes, packed_row_bytes, unpack_bits, unpack_codes
 from .positions import decode_positions, encode_positions
+from .rotation import LayerRotation
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (3,)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)  # 4 = 3 plus the optional ``rotation``: a version-3 reader must refuse it, not ignore it
 STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (scales, means, embeddings, norms)
 PLANES_NAME = "weight"  # the stored name of the sign planes (see the module docstring)
 
@@ -71,6 +77,7 @@ class PackedWeight:
     col_scale: torch.Tensor | None = None  # fp16 (T, K)
     salient: SalientPart | None = None
     pow2_planes: bool = False  # alpha is (1, N, G); term (p, 0) scales by alpha[0]·2^p
+    rotation: LayerRotation | None = None  # the codes describe S·W·Tᵀ (see ``rotation``); seeds only
 
     def term_alpha(self, t: int) -> torch.Tensor:
         """``(N, G)`` scale of term ``t``."""
@@ -134,6 +141,16 @@ class PackedWeight:
             W.view(-1)[pos] = signs[0].reshape(-1)[pos] * mags * s.scale.to(dtype)[rows]
         return W
 
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The layer's ``(N, K)`` weight in the model's basis: ``decode()`` with the rotation undone
+        (``Sᵀ·Ŵ'·T``); equal to ``decode()`` for an unrotated layer."""
+        W = self.decode(dtype)
+        if self.rotation is None:
+            return W
+        T, S = self.rotation.transforms(self.shape, W.device, dtype)
+        W = T.apply_transpose(W)  # rows: Ŵ'·T
+        return W if S is None else S.apply_transpose(W.T).T
+
     # -- serialisation -------------------------------------------------------------------
     def named_tensors(self) -> dict[str, torch.Tensor]:
         out = {PLANES_NAME: self.planes, "alpha": self.alpha}
@@ -152,6 +169,8 @@ class PackedWeight:
                 "terms": [list(t) for t in self.terms], "means": list(self.means), "class_plane": self.class_plane,
                 "column_mask": self.column_mask is not None, "col_scale": self.col_scale is not None,
                 "pow2_planes": self.pow2_planes}
+        if self.rotation is not None:
+            meta["rotation"] = self.rotation.metadata()
         if self.salient is not None:
             meta["salient"] = {"encoding": self.salient.encoding, "count": self.salient.count,
                                "bits": self.salient.bits}
@@ -174,7 +193,8 @@ class PackedWeight:
             salient = SalientPart(take("salient_positions"), sm["encoding"], sm["count"], take("salient_magnitudes"),
                                   take("salient_scale"), sm["bits"])
         pw = cls((N, K), take(PLANES_NAME), take("alpha"), mu, meta["group_size"], terms, means, meta.get("class_plane"),
-                 column_mask, col_scale, salient, bool(meta.get("pow2_planes", False)))
+                 column_mask, col_scale, salient, bool(meta.get("pow2_planes", False)),
+                 LayerRotation.from_metadata(meta.get("rotation")))
         if validate:
             pw._validate()
         return pw
@@ -206,8 +226,9 @@ class PackedWeight:
                 raise ValueError("salient positions do not match the salient count")
 
     def storage_bits(self) -> int:
-        """Bits this weight occupies in the checkpoint (padding included)."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.named_tensors().values())
+        """Bits this weight occupies in the checkpoint (padding included; a rotation's seeds too)."""
+        seeds = self.rotation.storage_bits() if self.rotation is not None else 0
+        return seeds + sum(t.numel() * t.element_size() * 8 for t in self.named_tensors().values())
 
 
 def metadata_json(layers: dict[str, PackedWeight]) -> str:

@@ -112,3 +112,57 @@ def test_moving_the_layer_drops_the_dense_copy(ext):
     layer.to(torch.float64)
     assert layer._dense is None
     torch.testing.assert_close(layer(x.double()), y.double())
+
+
+def _rotated_layer(N, K, rotation, seed=0):
+    from dataclasses import replace
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(K, N)
+    plain = BinaryLinear.from_float(linear)
+    return BinaryLinear(replace(plain.packed(), rotation=rotation), linear.bias.detach().clone())
+
+
+def _dense_float64_reference(layer, x):
+    """``x·(Sᵀ·Ŵ'·T)ᵀ + b`` in float64 with the dense matrices: no fast transform involved."""
+    T, S = layer.rotation.transforms((layer.out_features, layer.in_features), dtype=torch.float64)
+    W = layer.packed().decode(torch.float64) @ T.matrix()
+    if S is not None:
+        W = S.matrix().T @ W
+    return x.double() @ W.T + layer.bias.double()
+
+
+@pytest.mark.parametrize("N,K", [(3, 70), (37, 576), (96, 1536), (64, 96)])
+@pytest.mark.parametrize("both", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 300])  # matrix-vector, table lookup, band decode + GEMM
+def test_rotated_kernel_forward_matches_a_dense_float64_reference(ext, N, K, both, rows):
+    from llmbin.packing.rotation import LayerRotation
+
+    layer = _rotated_layer(N, K, LayerRotation(21, 22 if both else None))
+    x = torch.randn(rows, K)
+    expected = _dense_float64_reference(layer, x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=0, atol=2e-3 * scale)  # table lookup rounds at ~1e-4
+    assert layer(x).dtype == torch.float32
+    # moved: the cached transforms are rebuilt for the new dtype (the kernel itself computes in float32)
+    torch.testing.assert_close(layer.double()(x.double()), expected, rtol=0, atol=2e-3 * scale)
+
+
+def test_a_rotated_layer_with_the_identity_codes_computes_the_transforms_product(ext, monkeypatch):
+    """Ŵ' = I (N = K): the layer must compute Sᵀ·T (the exact kernel: no table-lookup rounding)."""
+    monkeypatch.setenv("LLMBIN_KERNEL", "exact")
+    from dataclasses import replace
+
+    from llmbin.packing.packed_weight import PackedWeight
+    from llmbin.packing.rotation import LayerRotation
+
+    n = 96
+    eye = torch.eye(n, dtype=torch.bool)
+    # planes: +1 on the diagonal, -1 elsewhere; μ = α = 1/2 gives 1 on the diagonal, 0 elsewhere
+    half = torch.full((1, n, 1), 0.5)
+    packed = PackedWeight.from_codes(eye.unsqueeze(0), half, half, n)
+    rotation = LayerRotation(3, 4)
+    layer = BinaryLinear(replace(packed, rotation=rotation))
+    T, S = (t.matrix() for t in rotation.transforms((n, n), dtype=torch.float64))
+    x = torch.randn(2, n)
+    torch.testing.assert_close(layer(x).double(), x.double() @ (S.T @ T).T, rtol=0, atol=1e-5)

@@ -1,0 +1,44 @@
+"""Incoherence processing: quantize a layer in a seeded randomly rotated basis.
+
+With orthogonal ``T`` (input side) and ``S`` (output side), the layer ``y = W·x`` equals
+``y = Sᵀ·(S·W·Tᵀ)·(T·x)``. The method binarizes ``W' = S·W·Tᵀ`` against the Hessian of its
+inputs ``T·x``, ``H' = T·H·Tᵀ``; the layer-output error ``tr(E·H·Eᵀ)`` is the same in both bases,
+so every method's objective is unchanged while the rotated weights have no outlier rows or
+columns to waste a scale on. The packed result records the seeds (``PackedWeight.rotation``).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..config import QuantConfig
+from ..packing.packed_weight import PackedWeight
+from ..packing.rotation import LayerRotation, layer_seed
+
+
+def layer_rotation(config: QuantConfig, key: str) -> LayerRotation | None:
+    """The rotation ``config`` asks for on the layer named ``key`` (seeds derived from both)."""
+    if config.rotate == "none":
+        return None
+    output = layer_seed(config.rotate_seed, key + ":output") if config.rotate == "both" else None
+    return LayerRotation(layer_seed(config.rotate_seed, key + ":input"), output)
+
+
+def rotate_problem(W: torch.Tensor, H: torch.Tensor, rotation: LayerRotation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S·W·Tᵀ, T·H·Tᵀ)``; new tensors (``H`` may be shared with other layers)."""
+    T, S = rotation.transforms(tuple(W.shape), W.device, torch.float32)
+    W = T.apply(W.float())  # each row w -> T·w
+    if S is not None:
+        W = S.apply(W.T).T.contiguous()
+    H = T.apply(T.apply(H.float()).T)  # rows of H: H·Tᵀ; rows of its transpose T·H: T·H·Tᵀ
+    return W, (H + H.T) / 2  # symmetric to the last bit, as Cholesky-based methods expect
+
+
+def quantize_rotated(method, W: torch.Tensor, H: torch.Tensor, config: QuantConfig,
+                     rotation: LayerRotation | None) -> PackedWeight:
+    """``method(W, H, config)``, in the basis ``rotation`` gives (or as is, without one)."""
+    if rotation is None:
+        return method(W, H, config)
+    Wr, Hr = rotate_problem(W, H, rotation)
+    return replace(method(Wr, Hr, config), rotation=rotation)
