@@ -126,6 +126,7 @@ def main() -> None:
                                    ["eval", str(ckpt), "--no-progress", "--dense-cache", *limit])
                 config = quant["config"]
                 family = config["method"] + (f" g{config['group_size']}" if config.get("group_size") else "")
+                family += f" rotate={config['rotate']}" if config.get("rotate", "none") != "none" else ""
         except subprocess.CalledProcessError as exc:
             print(f"{tag}: failed ({exc}); continuing with the next recipe", flush=True)
             continue

@@ -107,8 +107,9 @@ class PackedWeight:
                    None if column_mask is None else pack_bits(column_mask), half(col_scale), salient, pow2_planes)
 
     def classes(self, bits: torch.Tensor | None = None) -> torch.Tensor:
-        """Class index of every weight, long (N, K); ``bits`` are the unpacked planes if already at hand."""
-        N, K = self.shape
+        """Class index of every weight, long (N, K); ``bits`` are the unpacked planes if already at hand
+        (of any run of rows: the result then has their rows)."""
+        N, K = self.shape if bits is None else bits.shape[1:]
         cls = torch.zeros(N, K, dtype=torch.long, device=self.planes.device)
         if self.class_plane is not None:
             bits = unpack_bits(self.planes[self.class_plane], K) if bits is None else bits[self.class_plane]

@@ -1,8 +1,8 @@
 import torch
 
-from llmbin.algorithms.binarize import binarize, fit_binary
 from llmbin.algorithms.gptq import gptq_reconstruct
 from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
+from llmbin.algorithms.levels import refine_fit
 from llmbin.algorithms.metrics import hessian_weighted_error, sqnr_db
 
 
@@ -24,9 +24,10 @@ def test_block_size_does_not_change_the_result(layer_problem):
 def test_gptq_binarization_beats_plain_sign_binarization(layer_problem):
     W, H = layer_problem
     W, H = prepare_hessian(W, H, 0.01)
-    mu, alpha = fit_binary(W, torch.ones_like(W, dtype=torch.bool))
-    rtn = binarize(W, mu[:, None], alpha[:, None])
-    gptq = gptq_reconstruct(W, inverse_cholesky(H), lambda w, j: binarize(w, mu, alpha))
+    mu, alpha = refine_fit(W, torch.ones_like(W, dtype=torch.bool), W.mean(1), W.std(1)[None], iters=20)
+    binarize = lambda w, m, a: m + a * torch.where(w >= m, 1.0, -1.0)  # noqa: E731
+    rtn = binarize(W, mu[:, None], alpha[0, :, None])
+    gptq = gptq_reconstruct(W, inverse_cholesky(H), lambda w, j: binarize(w, mu, alpha[0]))
     assert hessian_weighted_error(W, gptq, H) < 0.95 * hessian_weighted_error(W, rtn, H)
 
 

@@ -48,3 +48,21 @@ def test_uniform_init_is_the_min_max_grid():
     W = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     mu, alpha = uniform_init(W, torch.ones_like(W, dtype=torch.bool), 2)
     assert torch.allclose(compose(mu, alpha, nearest_signs(W, mu, alpha)), W)
+
+
+def test_one_plane_fit_is_least_squares_optimal_over_the_binarized_weights_only():
+    """PB-LLM's μ ± α: the salient entries (outside ``keep``) must not pull the scale."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 300, generator=g, dtype=torch.float64) + 0.3
+    keep = torch.rand(16, 300, generator=g) > 0.1
+    W[~keep] = 50.0
+    n = keep.sum(1)
+    mu, alpha = refine_fit(W, keep, (W * keep).sum(1) / n, ((W - 0.3).abs() * keep).sum(1)[None] / n, iters=20)
+    signs = nearest_signs(W, mu, alpha)[0]
+    error = lambda m, a: ((W - m[:, None] - a[:, None] * signs) ** 2 * keep).sum(1)  # noqa: E731
+    best = error(mu, alpha[0])
+    for dmu, dalpha in [(1e-3, 0), (-1e-3, 0), (0, 1e-3), (0, -1e-3)]:
+        assert (best <= error(mu + dmu, alpha[0] + dalpha)).all()
+    assert alpha.max() < 2  # the 50.0 entries did not count
+    reference = ((W * keep).abs().mean(1))  # the reference PB-LLM's scale: zeros included, no mean
+    assert (best < ((W - reference[:, None] * torch.where(W >= 0, 1.0, -1.0)) ** 2 * keep).sum(1)).all()

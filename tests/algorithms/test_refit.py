@@ -1,7 +1,7 @@
+import pytest
 import torch
 
 from llmbin.algorithms.metrics import hessian_weighted_error
-from llmbin.algorithms.pbllm import refit_binary_scales
 from llmbin.algorithms.refit import refit_scales
 from llmbin.packing.packed_weight import PackedWeight
 
@@ -27,10 +27,37 @@ def test_refit_never_raises_the_hessian_error_and_keeps_the_bits(layer_problem):
 
 
 def test_one_group_one_plane_refit_is_the_closed_form_2x2_solution(layer_problem):
+    """PB-LLM's case: per row, μ·u + α·v with u = 1, v = ±1 solves a 2 × 2 system (eᵀHe minimal)."""
     W, H = layer_problem
     upper = W > 0
     pw = PackedWeight.from_codes(upper[None], torch.ones(1, W.shape[0], 1), torch.zeros(1, W.shape[0], 1), W.shape[1])
     new = refit_scales(pw, W, H)
-    mu, alpha = refit_binary_scales(W, H, torch.ones_like(upper), upper, torch.zeros_like(W))
+    Hd, u = H.double(), torch.ones_like(W, dtype=torch.float64)
+    v = torch.where(upper, 1.0, -1.0).double()
+    Hu, Hv, w = u @ Hd, v @ Hd, W.double()
+    A = torch.stack([torch.stack([(u * Hu).sum(1), (u * Hv).sum(1)], -1), torch.stack([(v * Hu).sum(1), (v * Hv).sum(1)], -1)], -2)
+    mu, alpha = torch.linalg.solve(A, torch.stack([(Hu * w).sum(1), (Hv * w).sum(1)], -1)).unbind(-1)
     assert torch.allclose(new.mu[0, :, 0].double(), mu, rtol=2e-3, atol=1e-6)
     assert torch.allclose(new.alpha[0, :, 0].double(), alpha, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [130, 32])
+def test_refit_in_row_and_column_chunks_equals_one_pass(monkeypatch, group):
+    """Big layers refit over chunks of rows and of H's columns (bounded memory), salient values
+    included; the result agrees with the one-pass solve to float64 rounding."""
+    import llmbin.algorithms.refit as refit
+
+    g = torch.Generator().manual_seed(3)
+    N, K = 50, 130
+    X = torch.randn(1000, K, generator=g)
+    H, W = X.T @ X / 1000, torch.randn(N, K, generator=g)
+    mask = torch.rand(N, K, generator=g) < 0.1
+    pw = PackedWeight.from_codes((W > 0)[None], torch.full((1, N, -(-K // group)), 0.5), torch.zeros(1, N, -(-K // group)),
+                                 group, salient_mask=mask, salient_mag=torch.randint(0, 127, (N, K), generator=g),
+                                 salient_scale=torch.full((N,), 0.01))
+    one_pass = refit_scales(pw, W, H)
+    monkeypatch.setattr(refit, "REFIT_CHUNK_BYTES", 8 * K * 30)  # chunks of 30 rows and 30 columns
+    chunked = refit_scales(pw, W, H)
+    assert torch.equal(one_pass.alpha, chunked.alpha) and torch.equal(one_pass.mu, chunked.mu)
+    assert hessian_weighted_error(W, chunked.decode(), H) < hessian_weighted_error(W, pw.decode(), H)
+
