@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .activations import activation_store
 from .algorithms.hessian import accumulate_hessian
-from .algorithms.incoherence import layer_rotation, quantize_rotated
+from .algorithms.incoherence import check_rotatable, layer_rotation, quantize_rotated
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers, set_submodule
@@ -143,6 +143,8 @@ def quantize_blocks(
     placement = Placement(device, weights)
     blocks = decoder_layers(model)
     prefix = module_name(model, blocks)
+    check_rotatable(config, {f"{prefix}.{index}.{name}": tuple(linear.weight.shape)
+                             for index, block in enumerate(blocks) for name, linear in linear_layers(block).items()})
     dtype = float_dtype(model)
     done = done or {}
     stats = {} if stats is None else stats

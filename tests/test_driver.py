@@ -84,6 +84,21 @@ def test_nan_weights_get_a_clear_error():
         llmbin.quantize(model, llmbin.PBLLMConfig(), CALIB, progress=False)
 
 
+@pytest.mark.parametrize("rotate", ["input", "both"])
+def test_a_size_that_cannot_be_rotated_is_refused_before_calibration(rotate, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.intermediate_size = 2 * 4099  # odd factor over MAX_ODD_FACTOR: down_proj's input cannot be rotated
+    model = AutoModelForCausalLM.from_config(config).eval()
+    monkeypatch.setattr("llmbin.driver.capture_block_inputs", lambda *a, **k: pytest.fail("calibration started"))
+    with pytest.raises(LlmbinError, match=rf"--rotate {rotate}: model.layers.0.mlp.*size 8198, which cannot be "
+                                          r"rotated \(.*odd factor 4099.*; use --rotate none$"):
+        llmbin.quantize(model, make_config("db-llm", rotate=rotate), CALIB, progress=False)
+
+
 def test_calibration_must_be_token_ids():
     with pytest.raises(LlmbinError, match="LongTensor"):
         llmbin.quantize(tiny_model(), llmbin.PBLLMConfig(), CALIB.float(), progress=False)

@@ -13,8 +13,9 @@ from dataclasses import replace
 import torch
 
 from ..config import QuantConfig
+from ..errors import LlmbinError
 from ..packing.packed_weight import PackedWeight
-from ..packing.rotation import LayerRotation, layer_seed
+from ..packing.rotation import LayerRotation, layer_seed, split_size
 
 
 def layer_rotation(config: QuantConfig, key: str) -> LayerRotation | None:
@@ -23,6 +24,29 @@ def layer_rotation(config: QuantConfig, key: str) -> LayerRotation | None:
         return None
     output = layer_seed(config.rotate_seed, key + ":output") if config.rotate == "both" else None
     return LayerRotation(layer_seed(config.rotate_seed, key + ":input"), output)
+
+
+def check_rotatable(config: QuantConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, before any calibration work, a ``--rotate`` that some layer's size cannot take.
+
+    ``shapes`` maps layer names to weight shapes ``(N, K)``: ``K`` is rotated, and ``N`` too with
+    ``rotate: both``.
+    """
+    if config.rotate == "none":
+        return
+    refused = []  # (name, side, size, reason)
+    for name, (rows, columns) in shapes.items():
+        for side, size in (("input", columns), ("output", rows))[: 1 + (config.rotate == "both")]:
+            try:
+                split_size(size)
+            except ValueError as exc:
+                refused.append((name, side, size, exc))
+    if refused:
+        name, side, size, reason = refused[0]
+        fix = "--rotate none" if any(r[1] == "input" for r in refused) else "--rotate input"
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise LlmbinError(f"--rotate {config.rotate}: {name} has {side} size {size}, which cannot be rotated "
+                          f"({reason}){more}; use {fix}")
 
 
 def rotate_problem(W: torch.Tensor, H: torch.Tensor, rotation: LayerRotation) -> tuple[torch.Tensor, torch.Tensor]:

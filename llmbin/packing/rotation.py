@@ -86,7 +86,7 @@ def split_size(n: int) -> tuple[list[int], int]:
         m //= 2
     if m > MAX_ODD_FACTOR:
         raise ValueError(f"size {n} = 2^{(n // m).bit_length() - 1} · {m}: its odd factor {m} is over "
-                         f"{MAX_ODD_FACTOR}, too large for the dense DCT factor; rotate without this layer")
+                         f"{MAX_ODD_FACTOR}, too large for the dense DCT factor")
     a, factors = (n // m).bit_length() - 1, []
     step = MAX_HADAMARD_FACTOR.bit_length() - 1
     while a > 0:

@@ -3,7 +3,8 @@ and it pays where the Hessian is uneven (the case QuIP's analysis covers)."""
 import pytest
 import torch
 
-from llmbin.algorithms.incoherence import layer_rotation, quantize_rotated, rotate_problem
+from llmbin.algorithms.incoherence import check_rotatable, layer_rotation, quantize_rotated, rotate_problem
+from llmbin.errors import LlmbinError
 from llmbin.algorithms.metrics import hessian_weighted_error
 from llmbin.packing.packed_weight import PackedWeight
 from llmbin.packing.rotation import LayerRotation
@@ -61,3 +62,13 @@ def test_layer_rotation_follows_the_config():
     both = layer_rotation(make_config("db-llm", rotate="both", rotate_seed=3), "0.q")
     assert both.output_seed is not None and both.input_seed != one.input_seed
     assert layer_rotation(make_config("db-llm", rotate="both"), "1.q") != layer_rotation(make_config("db-llm", rotate="both"), "0.q")
+
+
+def test_sizes_that_cannot_be_rotated_are_refused_with_the_setting_that_works():
+    odd = 2 * 4099  # an odd factor over MAX_ODD_FACTOR
+    check_rotatable(make_config("db-llm"), {"a": (odd, odd)})  # nothing rotated, nothing refused
+    check_rotatable(make_config("db-llm", rotate="input"), {"a": (odd, 576)})  # only the input side is rotated
+    with pytest.raises(LlmbinError, match=r"^--rotate both: a has output size 8198, .*odd factor 4099.*; use --rotate input$"):
+        check_rotatable(make_config("db-llm", rotate="both"), {"a": (odd, 576)})
+    with pytest.raises(LlmbinError, match=r"^--rotate both: a has output size 8198, .*\(and 1 more\); use --rotate none$"):
+        check_rotatable(make_config("db-llm", rotate="both"), {"a": (odd, 576), "b": (576, odd)})
