@@ -12,9 +12,10 @@ from .models import open_model  # noqa: E402
 from .quantize import quantize, quantize_and_save  # noqa: E402
 from .recipes import recipe_config  # noqa: E402
 from .registry import available_methods, make_config  # noqa: E402
+from .storage import verification  # noqa: E402
 
 _register_with_transformers()  # AutoModelForCausalLM.from_pretrained(checkpoint) works once llmbin is imported
 
 __all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods",
            "calibration_windows", "load", "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config",
-           "save"]
+           "save", "verification"]

@@ -21,7 +21,7 @@ from .errors import LlmbinError
 from .hf_quantizer import QUANT_METHOD
 from .nn.binary_linear import BinaryLinear
 from .shards import MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, by_file, shard_files, write_sharded
-from .storage import STORAGE_DTYPE, as_stored, read_tensors
+from .storage import STORAGE_DTYPE, as_stored, read_tensors, verification
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
@@ -101,9 +101,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         device_map: str | dict | None = None, offload_folder: str | None = None, **kwargs):
+         device_map: str | dict | None = None, offload_folder: str | None = None, verify: bool | None = None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` on a packed checkpoint, with llmbin's defaults
     (float32, eval mode) and one-line errors; its linear layers are ``BinaryLinear``.
+    Every file is checked against its recorded digests first; ``verify=False`` skips that (default:
+    on unless the environment sets ``LLMBIN_VERIFY=0``).
 
     The packed tensors stay as stored. At float32 on the CPU the float layers that were not
     binarized (embeddings, lm_head) keep their fp16 values too (``HalfWeight*``).
@@ -117,8 +119,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
     if device_map is not None:
         kwargs.setdefault("offload_buffers", True)  # the packed weights are buffers: offloaded with the rest
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map or torch.device(device),
-                                                    offload_folder=offload_folder, **kwargs).eval()
+        with verification(verify):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map or torch.device(device),
+                                                        offload_folder=offload_folder, **kwargs).eval()
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise load_error(exc, path, device_map) from None
 

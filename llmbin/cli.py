@@ -96,6 +96,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--dense-cache", action="store_true",
                    help="decode each packed layer once and keep it dense: same numbers, faster, fp32-sized memory")
     e.add_argument("--json", help="write the results as JSON here")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip checking the checkpoint's files against their recorded digests (as LLMBIN_VERIFY=0): "
+                        "a faster load that no longer detects corrupt or modified files")
     e.add_argument("--no-progress", action="store_true")
     return parser, options
 
@@ -289,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
-        report = cmd_quantize(args, option_names) if args.command == "quantize" else cmd_eval(args)
+        if args.command == "quantize":
+            report = cmd_quantize(args, option_names)
+        else:
+            from .storage import verification
+
+            with verification(False if args.no_verify else None):
+                report = cmd_eval(args)
         _write_json(args.json, report)
     except LlmbinError as exc:
         print(f"llmbin: error: {exc}", file=sys.stderr)

@@ -229,8 +229,6 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index) 
         linear = linears.pop(name)
         H = hessians.pop(name, linear.in_features, names)
         W = linear.weight.detach()
-        if not torch.isfinite(W).all():
-            raise LlmbinError(f"block {index} {name} has NaN or infinite weights; the model file is corrupt, re-download it")
         if not torch.isfinite(H).all():
             raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
         weight = quantize_rotated(method, W, H, config, layer_rotation(config, f"{index}.{name}"))

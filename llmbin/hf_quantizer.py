@@ -111,7 +111,7 @@ class LlmbinHfQuantizer(HfQuantizer):
         """What ``save_pretrained`` writes: floats in the storage dtype, every shard describing the packed layers."""
         state = {k: v if v.is_meta else as_stored(v) for k, v in model.state_dict().items()}
         layers = {name: m.layout for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-        metadata = file_metadata(layers)
+        metadata = file_metadata(layers, _DigestView(model, state))
         metadata.pop("format")  # transformers sets it
         return state, metadata
 
@@ -133,6 +133,27 @@ class LlmbinHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+class _DigestView(dict):
+    """``state`` for digesting: a disk-offloaded (meta) tensor is read back one at a time, as
+    ``save_pretrained`` itself reads it when writing its shard."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        super().__init__(state)
+        self.model = model
+
+    def items(self):
+        for name, value in super().items():
+            if value.is_meta:
+                try:
+                    from transformers.modeling_utils import load_offloaded_parameter
+
+                    value = as_stored(load_offloaded_parameter(self.model, name))
+                except (ImportError, KeyError, AttributeError, RuntimeError) as exc:
+                    raise LlmbinError(f"{name} is offloaded and cannot be read back to record its digest ({exc}); "
+                                      "load the model without disk offload to save it") from None
+            yield name, value
 
 
 def mark_quantized(model: nn.Module, record: dict) -> None:

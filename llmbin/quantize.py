@@ -16,6 +16,7 @@ from .checkpoint import round_to_storage, save
 from .config import QuantConfig
 from .distill import deviation_aware_distill
 from .driver import float_dtype, module_name, quantize_blocks
+from .digests import tensor_digest
 from .errors import LlmbinError
 from .hf_quantizer import mark_quantized
 from .models import OpenedModel, activation_dtype, decoder_layers
@@ -24,6 +25,33 @@ from .packing.packed_weight import FORMAT_VERSION
 from .resume import BlockStore, finished_blocks
 from .shards import MAX_SHARD_BYTES
 from .storage import STORAGE_DTYPE
+
+
+FINITE_CHUNK = 1 << 24  # elements checked for NaN/inf at a time (bounds the temporary mask)
+
+
+def check_source(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None = None, progress: bool = False) -> str:
+    """One pass over every tensor of the source model before any other work: a NaN or infinite
+    value anywhere (embedding, norms, head, not only the linears) is refused by name. Returns a
+    digest of all of them: the model's identity in the resume fingerprint. ``weights`` (a streamed
+    model's stored tensors) are read one at a time."""
+    import xxhash
+    from tqdm.auto import tqdm
+
+    state = model.state_dict() if weights is None else None
+    names = list(weights if weights is not None else state)  # state-dict order: a tied weight is named by its owner
+    identity, seen = xxhash.xxh3_128(), set()
+    for name in tqdm(names, desc="checking weights", unit="tensor", disable=not progress or len(names) < 1000):
+        tensor = weights[name] if weights is not None else state[name]
+        if tensor.is_meta or (weights is None and id(tensor) in seen):
+            continue
+        seen.add(id(tensor))
+        if tensor.is_floating_point():
+            flat = tensor.detach().reshape(-1)
+            if not all(bool(torch.isfinite(part).all()) for part in flat.split(FINITE_CHUNK)):
+                raise LlmbinError(f"{name} has NaN or infinite values; the model file is corrupt, re-download it")
+        identity.update(f"{name}:{tensor_digest(name, tensor)};".encode())
+    return identity.hexdigest()
 
 
 def quantize(
@@ -45,7 +73,8 @@ def quantize(
     """Replace every linear layer in the decoder blocks with a packed ``BinaryLinear``.
 
     ``calibration`` is a ``(nsamples, seqlen)`` tensor of token ids. With ``work_dir``,
-    each finished block is saved there and a rerun with the same options resumes.
+    each finished block is saved there and a rerun with the same model (its weights' digest), options,
+    calibration and llmbin version resumes; any other rerun is refused, naming what changed.
     With ``weights`` (from :func:`llmbin.models.open_model`), ``model`` is a meta skeleton whose
     blocks are read, quantized and released one by one; ``work_dir`` is then required, as the
     packed blocks exist only there until :func:`quantize_and_save` writes the checkpoint.
@@ -64,12 +93,14 @@ def quantize(
         raise LlmbinError("distillation trains the whole model, so it needs the model loaded whole; "
                           "use llmbin.models.load_model (the CLI does this for --distill)")
     act_dtype = activations_dtype or float_dtype(model)
+    model_identity = check_source(model, weights, progress)
     done, on_block_done = {}, None
     if work_dir is not None:
         fingerprint = {"config": config.to_dict(), "calibration": calibration_info or {},
                        "shape": list(calibration.shape), "checksum": int(calibration.sum()),
                        "dtype": str(float_dtype(model)), "activations": str(act_dtype),
-                       "device": torch.device(device).type}
+                       "device": torch.device(device).type, "model_weights": model_identity,
+                       "llmbin_version": __version__, "format_version": FORMAT_VERSION}
         store = BlockStore(work_dir, fingerprint)
         done, on_block_done = store.finished(), store.save
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}

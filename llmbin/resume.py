@@ -19,11 +19,15 @@ class BlockStore:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         run = self.dir / RUN_FILE
-        if run.exists() and json.loads(run.read_text()) != fingerprint:
-            raise LlmbinError(
-                f"{self.dir} holds blocks of a run with other options; rerun with the same options to resume, "
-                "or delete that folder to start over"
-            )
+        if run.exists():
+            try:
+                before = json.loads(run.read_text())
+            except (OSError, ValueError) as exc:
+                raise LlmbinError(f"{run} is unreadable ({exc}); delete {self.dir} to start over") from None
+            fingerprint = json.loads(json.dumps(fingerprint))  # as it would read back (tuples become lists)
+            if before != fingerprint:
+                raise LlmbinError(f"{self.dir} holds blocks of another run ({differences(before, fingerprint)}); rerun "
+                                  "with the same model and options to resume, or delete that folder to start over")
         run.write_text(json.dumps(fingerprint, sort_keys=True))
 
     def _path(self, index: int) -> Path:
@@ -38,6 +42,23 @@ class BlockStore:
         tmp = self._path(index).with_suffix(".tmp")
         write_tensors(tmp, tensors, layer_metadata(modules))
         tmp.rename(self._path(index))  # a block file exists only once it is complete
+
+
+def differences(before: dict, now: dict, limit: int = 3) -> str:
+    """What changed between two fingerprints, e.g. ``config.salient_frac: 0.1 then, 0.2 now``."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else ()):
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def show(v):
+        text = json.dumps(v)
+        return text if len(text) <= 20 else text[:17] + "…"
+
+    a, b = flat(before), flat(now)
+    changed = [f"{k}: {show(a.get(k))} then, {show(b.get(k))} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def block_path(directory: Path, index: int) -> Path:

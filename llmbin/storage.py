@@ -6,16 +6,28 @@ transformers writes and expects), ``llmbin_format``, the format version and ``la
 description (``PackedWeight.metadata()``) of packed layers, at least those whose tensors are
 in that file (a checkpoint's shards each describe every layer, as ``save_pretrained`` writes
 them). Nothing about the format is encoded in file names.
+
+From version 5 the header also holds ``digests``: a JSON map of tensor name to its digest
+(``llmbin.digests``), covering at least the file's own tensors, plus ``__layers__`` for the layer
+description. Reading verifies the file against it (every byte of its tensors, its header's dtypes
+and shapes, and the layer description) unless verification is switched off
+(``LLMBIN_VERIFY=0``, :func:`verification`). Files of versions 3 and 4 have no digests and are
+read unverified.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .digests import ALGORITHM, file_digests, tensor_digest, text_digest
 from .errors import LlmbinError
 from .nn.binary_linear import BinaryLinear
 from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, STORAGE_DTYPE, PackedWeight
@@ -25,6 +37,26 @@ FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
 SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                       "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
                       "BOOL": torch.bool}  # a safetensors header's dtype names
+DIGESTS_KEY, LAYERS_DIGEST = "digests", "__layers__"
+FIRST_DIGESTED_VERSION = 5
+_VERIFY = contextvars.ContextVar("llmbin_verify", default=None)
+
+
+def verifying() -> bool:
+    """Whether reads verify digests: on unless ``LLMBIN_VERIFY=0`` or inside ``verification(False)``."""
+    chosen = _VERIFY.get()
+    return chosen if chosen is not None else os.environ.get("LLMBIN_VERIFY", "1") != "0"
+
+
+@contextlib.contextmanager
+def verification(enabled: bool | None):
+    """Switch digest verification on or off for the reads inside the ``with`` block (None: leave
+    it as it is, which by default is what ``LLMBIN_VERIFY`` says)."""
+    token = _VERIFY.set(_VERIFY.get() if enabled is None else bool(enabled))
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
 
 
 def as_stored(value: torch.Tensor) -> torch.Tensor:
@@ -36,19 +68,48 @@ def layer_metadata(modules: dict[str, BinaryLinear]) -> dict[str, dict]:
     return {name: m.layout for name, m in modules.items()}
 
 
-def file_metadata(layers: dict[str, dict]) -> dict[str, str]:
-    """The safetensors header metadata of a file holding (some of) the packed ``layers``."""
-    return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-            "layers": json.dumps(layers, sort_keys=True)}
+def file_metadata(layers: dict[str, dict], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors header metadata of a file holding ``tensors`` (as they will be stored; more are
+    fine, e.g. every shard's) and (some of) the packed ``layers``."""
+    described = json.dumps(layers, sort_keys=True)
+    digests = {name: tensor_digest(name, value) for name, value in tensors.items()}
+    digests[LAYERS_DIGEST] = text_digest(described)
+    return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": described,
+            "digest_algorithm": ALGORITHM, DIGESTS_KEY: json.dumps(digests, sort_keys=True)}
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
     """Write ``tensors`` (on any device) plus the description of the packed ``layers`` among them."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=file_metadata(layers))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=file_metadata(layers, tensors))
+
+
+def verify_file(path: Path, metadata: dict[str, str]) -> None:
+    """Check every tensor of a version-5 file, and its layer description, against the recorded digests."""
+    if int(metadata.get("format_version", 0)) < FIRST_DIGESTED_VERSION or not verifying():
+        return
+    fix = "the file is corrupt or was modified; re-download or re-create the checkpoint"
+    try:
+        recorded = json.loads(metadata[DIGESTS_KEY])
+        if metadata.get("digest_algorithm") != ALGORITHM:
+            raise ValueError(f"digest algorithm {metadata.get('digest_algorithm')!r}")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LlmbinError(f"{path} has no valid tensor digests ({exc}); {fix}") from None
+    if recorded.get(LAYERS_DIGEST) != text_digest(metadata.get("layers", "")):
+        raise LlmbinError(f"{path}: the packed-layer description does not match its digest; {fix}")
+    try:
+        actual = file_digests(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-download or re-create the checkpoint") from None
+    for name, digest in actual.items():
+        if recorded.get(name) != digest:
+            problem = "has no recorded digest" if name not in recorded else "does not match its digest"
+            raise LlmbinError(f"{path}: tensor {name} {problem}; {fix}")
 
 
 def file_layers(path: Path) -> dict[str, dict]:
-    """The packed-layer description in a file's header; foreign, corrupt or too-new files raise ``LlmbinError``."""
+    """The packed-layer description in a file's header, after verifying the file's digests;
+    foreign, corrupt, modified or too-new files raise ``LlmbinError``."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -57,6 +118,7 @@ def file_layers(path: Path) -> dict[str, dict]:
     if FORMAT_NAME not in (metadata.get(FORMAT_KEY), metadata.get("format")):  # "format" held it up to version 2
         raise LlmbinError(f"{path} is not an llmbin packed checkpoint; create one with llmbin quantize")
     check_version(metadata.get("format_version"), path)
+    verify_file(path, metadata)
     try:
         return json.loads(metadata["layers"])
     except (KeyError, ValueError):

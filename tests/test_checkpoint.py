@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 import llmbin
 from llmbin.bits import bit_report, directory_bytes
 from llmbin.errors import LlmbinError
+from llmbin.packing.packed_weight import FORMAT_VERSION
 from tests.conftest import packed_checkpoint, tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -29,12 +30,12 @@ def test_saved_then_loaded_logits_are_identical(saved):
 def test_config_records_method_parameters_and_versions(saved):
     _, out = saved
     q = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == 4
+    assert q["quant_method"] == "llmbin" and q["method"] == "pb-llm" and q["format_version"] == FORMAT_VERSION
     assert q["llmbin_version"] == llmbin.__version__
     assert q["salient_frac"] == 0.1 and q["salient_metric"] == "hessian" and q["percdamp"] == 0.01
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed" and meta["format_version"] == "4"
+    assert meta["format"] == "pt" and meta["llmbin_format"] == "llmbin-packed" and meta["format_version"] == str(FORMAT_VERSION)
     assert "model.layers.0.self_attn.q_proj" in json.loads(meta["layers"])
 
 
@@ -104,19 +105,25 @@ def test_a_version_3_checkpoint_still_loads(saved, tmp_path):
         assert torch.equal(llmbin.load(dst)(INPUT).logits, model(INPUT).logits)
 
 
-@pytest.mark.parametrize("edit_tensors,edit_meta,match", [
+DIGEST = "does not match its digest"
+
+
+@pytest.mark.parametrize("edit_tensors,edit_meta,match,verified_match", [
     (lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", t["model.layers.0.mlp.up_proj.weight"][:, :5]),
-     None, "damaged"),
-    (lambda t: t.pop("model.layers.1.self_attn.o_proj.alpha"), None, "damaged"),
-    (lambda t: t.pop("model.norm.weight"), None, "does not match"),
-    (None, lambda m: m.__setitem__("format_version", "99"), "format version 99"),
-    (None, lambda m: m.__setitem__("llmbin_format", "other"), "not an llmbin packed checkpoint"),
+     None, "damaged", DIGEST),
+    (lambda t: t.pop("model.layers.1.self_attn.o_proj.alpha"), None, "damaged", "damaged"),
+    (lambda t: t.pop("model.norm.weight"), None, "does not match", "does not match"),
+    (None, lambda m: m.__setitem__("format_version", "99"), "format version 99", "format version 99"),
+    (None, lambda m: m.__setitem__("llmbin_format", "other"), "not an llmbin packed checkpoint", "not an llmbin packed"),
 ])
-def test_tampered_checkpoint_gets_a_clear_error(saved, tmp_path, edit_tensors, edit_meta, match):
+def test_tampered_checkpoint_gets_a_clear_error(saved, tmp_path, edit_tensors, edit_meta, match, verified_match):
+    """With verification (the default) and without it, where the structural checks still hold."""
     dst = _copy(saved[1], tmp_path)
     _rewrite(dst / "model.safetensors", edit_tensors, edit_meta)
-    with pytest.raises(LlmbinError, match=match):
+    with pytest.raises(LlmbinError, match=verified_match):
         llmbin.load(dst)
+    with pytest.raises(LlmbinError, match=match):
+        llmbin.load(dst, verify=False)
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path):

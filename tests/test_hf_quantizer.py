@@ -151,7 +151,7 @@ def test_a_future_format_version_in_config_json_is_refused(saved, tmp_path):
     config = json.loads((dst / "config.json").read_text())
     config["quantization_config"]["format_version"] = 99
     (dst / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LlmbinError, match="format version 99, this llmbin reads versions 3, 4"):
+    with pytest.raises(LlmbinError, match="format version 99, this llmbin reads versions 3, 4, 5"):
         AutoModelForCausalLM.from_pretrained(dst)
     with pytest.raises(LlmbinError, match="format version 99"):
         llmbin.load(dst)

@@ -87,6 +87,6 @@ def test_resume_refuses_another_dtype(tiny_sharded_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(), CALIB, out, progress=False)
     monkeypatch.setattr(BlockStore, "save", original)
-    with pytest.raises(LlmbinError, match="other options"):  # a resume never mixes float32 and bfloat16 blocks
+    with pytest.raises(LlmbinError, match="another run"):  # a resume never mixes float32 and bfloat16 blocks
         quantize_and_save(open_model(str(tiny_sharded_dir), dtype="bfloat16"), llmbin.PBLLMConfig(), CALIB, out,
                           progress=False)

@@ -1,4 +1,5 @@
-"""The packed representation of one quantized weight matrix (checkpoint format version 4).
+"""The packed representation of one quantized weight matrix (checkpoint format version 5; the
+layer layout is that of version 4).
 
 Every weight ``(r, c)`` has a *class* κ(r, c) and P sign bits ``b[p, r, c]``; with
 ``g = c // group_size`` the weight is
@@ -41,8 +42,10 @@ from .bitpack import pack_bits, pack_codes, packed_row_bytes, unpack_bits, unpac
 from .positions import decode_positions, encode_positions
 from .rotation import LayerRotation
 
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (3, 4)  # 4 = 3 plus the optional ``rotation``: a version-3 reader must refuse it, not ignore it
+FORMAT_VERSION = 5
+# 4 = 3 plus the optional ``rotation``: a version-3 reader must refuse it, not ignore it.
+# 5 = 4 plus the files' tensor digests (``storage``), which a version-5 reader requires.
+READABLE_VERSIONS = (3, 4, 5)
 STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (scales, means, embeddings, norms)
 PLANES_NAME = "weight"  # the stored name of the sign planes (see the module docstring)
 
