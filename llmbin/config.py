@@ -19,6 +19,7 @@ class QuantConfig:
     rotate_seed: int = 0
 
     def validate(self) -> None:
+        check_field_types(self)
         if self.rotate not in ROTATE_CHOICES:
             raise LlmbinError(f"--rotate must be one of {', '.join(ROTATE_CHOICES)}, got {self.rotate!r}")
         if not 0 < self.percdamp < 10:
@@ -52,6 +53,21 @@ class PBLLMConfig(QuantConfig):
             raise LlmbinError(f"--salient-metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
         if not 2 <= self.salient_bits <= 8:
             raise LlmbinError(f"salient_bits must be between 2 and 8, got {self.salient_bits}")
+
+
+_KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
+          "float": ((int, float), "a number"), "str": ((str,), "a string")}
+
+
+def check_field_types(config: QuantConfig) -> None:
+    """Each option holds its field's type, so that a recipe's ``refit_scales: "false"`` (a string,
+    which Python would take as true) or ``blocksize: 64.0`` is refused by name, not run."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        allowed, wanted = _KINDS[f.type]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and f.type != "bool"):
+            hint = " (quoted in the recipe? write it without quotes)" if isinstance(value, str) else ""
+            raise LlmbinError(f"option {f.name} must be {wanted}, got {value!r}{hint}")
 
 
 def config_fields(cls: type[QuantConfig]) -> list[str]:

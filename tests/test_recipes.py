@@ -51,3 +51,22 @@ def test_missing_recipe_and_contradicting_method_are_errors(tmp_path):
         recipe_config(tmp_path / "none.yaml")
     with pytest.raises(LlmbinError, match="contradicts"):
         recipe_config(RECIPES[0], "rtn-sign" if read_recipe(RECIPES[0])["method"] != "rtn-sign" else "gptq")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('salient_frac: "0.1"', "option salient_frac must be a number, got '0.1' (quoted in the recipe? write it without quotes)"),
+    ('refit_scales: "false"', "option refit_scales must be true or false, got 'false' (quoted in the recipe? write it "
+                              "without quotes)"),
+    ("salient_bits: 2.5", "option salient_bits must be an integer, got 2.5"),
+    ("blocksize: 64.0", "option blocksize must be an integer, got 64.0"),
+    ("salient_metric: 3", "option salient_metric must be a string, got 3"),
+    ("percdamp: yes", "option percdamp must be a number, got True"),
+])
+def test_a_recipe_value_of_the_wrong_type_is_refused_by_name(tmp_path, line, message):
+    """A quoted "false" would otherwise switch the option on (a non-empty string is true) while
+    config.json records "false"."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: pb-llm\n{line}\n")
+    with pytest.raises(LlmbinError) as info:
+        recipe_config(recipe)
+    assert str(info.value) == message
