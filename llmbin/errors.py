@@ -12,3 +12,12 @@ class QuantizationStopped(Exception):
     def __init__(self, blocks_done: int):
         super().__init__(f"stopped after {blocks_done} newly quantized blocks, as asked")
         self.blocks_done = blocks_done
+
+
+def check_positions(config, seqlen: int, option: str = "--seqlen") -> None:
+    """Refuse windows longer than the model was trained for (``max_position_embeddings``): models
+    with learned positions fail with an index error, rotary ones give numbers that mean nothing."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise LlmbinError(f"{option} {seqlen} is longer than the model's {limit} positions (max_position_embeddings); "
+                          f"use {option} {limit} or less")

@@ -90,3 +90,12 @@ def test_resume_refuses_another_dtype(tiny_sharded_dir, tmp_path, monkeypatch):
     with pytest.raises(LlmbinError, match="another run"):  # a resume never mixes float32 and bfloat16 blocks
         quantize_and_save(open_model(str(tiny_sharded_dir), dtype="bfloat16"), llmbin.PBLLMConfig(), CALIB, out,
                           progress=False)
+
+
+def test_calibration_windows_longer_than_the_models_positions_are_refused():
+    from llmbin.errors import LlmbinError
+    from tests.conftest import tiny_model
+
+    long = torch.randint(0, 300, (2, 257))
+    with pytest.raises(LlmbinError, match=r"^--seqlen 257 is longer than the model's 256 positions"):
+        llmbin.quantize(tiny_model(), llmbin.PBLLMConfig(), long, progress=False)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import LlmbinError
+from ..errors import LlmbinError, check_positions
 
 
 @torch.no_grad()
@@ -19,6 +19,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         windows = min(windows, max_windows)
     if windows == 0:
         raise LlmbinError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
+    check_positions(model.config, seqlen)
     weight = model.get_input_embeddings().weight
     device = weight.device if not weight.is_meta else "cpu"  # a dispatched model's hooks move inputs
     total = 0.0
@@ -26,4 +27,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         ids = token_ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         total += F.cross_entropy(logits, ids[0, 1:], reduction="mean").item()
+    if not math.isfinite(total):
+        raise LlmbinError("the model's outputs are NaN or infinite, so its perplexity is undefined; the model or "
+                          "checkpoint is broken (check its weights for NaN), re-create it")
     return math.exp(total / windows)
