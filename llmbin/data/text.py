@@ -11,27 +11,49 @@ DATASETS = ("wikitext2", "c4", "ptb")
 
 
 def read_text_file(path: str | Path) -> list[str]:
-    """Rows of text from a parquet file (``text`` column), a jsonl file (``text`` field) or a txt file."""
+    """Rows of text from a parquet file (``text`` column), a jsonl file (``text`` field) or a txt file
+    (UTF-8). A file with no text at all (every row empty or null) is refused."""
     path = Path(path)
     if not path.is_file():
         raise LlmbinError(f"data file {path} does not exist; pass an existing .parquet, .jsonl or .txt file")
+    try:
+        rows = _read_rows(path)
+    except UnicodeDecodeError as exc:
+        raise LlmbinError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); convert it to UTF-8, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
+    if not any(row.strip() for row in rows):
+        raise LlmbinError(f"{path} holds no text (every row is empty or null); pass a file with text in it")
+    return rows
+
+
+def _read_rows(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise LlmbinError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]}); check the file") from None
         if "text" not in table.column_names:
             raise LlmbinError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-        return [t or "" for t in table.column("text").to_pylist()]
+        rows = table.column("text").to_pylist()
+        wrong = next((r for r in rows if r is not None and not isinstance(r, str)), None)
+        if wrong is not None:
+            raise LlmbinError(f"{path}'s 'text' column holds {type(wrong).__name__} values, not strings; pass a text column")
+        return [t or "" for t in rows]
     if suffix in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line)["text"])
+                        text = json.loads(line)["text"]
                     except (ValueError, KeyError, TypeError):
                         raise LlmbinError(f"{path}:{n} is not a JSON object with a 'text' field") from None
+                    if text is not None and not isinstance(text, str):
+                        raise LlmbinError(f"{path}:{n}: 'text' is a {type(text).__name__}, not a string; fix that line")
+                    rows.append(text or "")
         return rows
     if suffix in (".txt", ".raw", ".text"):
         return path.read_text(encoding="utf-8").split("\n")
