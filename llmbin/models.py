@@ -100,14 +100,33 @@ def _load_errors(model: str):
         raise LlmbinError(f"model {model!r} is not a supported causal LM: {str(exc).splitlines()[0]}") from None
 
 
+def check_causal_lm(config, model: str) -> None:
+    """Refuse a checkpoint whose declared architecture is not a causal LM (a BERT encoder, a
+    classifier): transformers would build a causal-LM class around it, with any head it lacks
+    initialised at random, and it would quantize and score as if it were one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    declared = getattr(config, "architectures", None) or []
+    if declared and not set(declared) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise LlmbinError(f"model {model!r} is a {declared[0]}, not a causal language model; llmbin quantizes causal "
+                          "LMs (LlamaForCausalLM and the like): use a causal checkpoint")
+
+
 def load_model(model: str, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` whole; errors are one line naming the problem and the fix."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)`` whole; errors are one line naming the problem and the fix. A
+    checkpoint that lacks some of the model's weights is refused (they would be random)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, extra = resolve_model(model)
     with _load_errors(model):
+        check_causal_lm(AutoConfig.from_pretrained(source, **extra), model)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        lm, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **extra)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise LlmbinError(f"model {model!r} has no weights for {', '.join(missing[:3])}"
+                          f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}, which would be initialised "
+                          "at random; use a complete causal-LM checkpoint")
     lm.eval()
     return lm, tokenizer
 
@@ -150,6 +169,7 @@ def open_model(model: str, dtype: str | torch.dtype = "auto", device: str | torc
         return OpenedModel(lm, tokenizer, None, stored, dt)
     with _load_errors(model):
         config = AutoConfig.from_pretrained(source)
+        check_causal_lm(config, model)
         tokenizer = AutoTokenizer.from_pretrained(source)
         with init_empty_weights():
             lm = AutoModelForCausalLM.from_config(config, dtype=dt)

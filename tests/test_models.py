@@ -111,3 +111,40 @@ def test_a_hub_id_streams_from_its_downloaded_snapshot(tiny_sharded_dir, tmp_pat
     assert opened.weights.index["model.norm.weight"]["safetensors_file"].startswith(str(repo / "snapshots" / commit))
     with pytest.raises(LlmbinError, match="could not load model 'someone/absent'"):
         open_model("someone/absent")
+
+
+def _folder(model, path, tokenizer, safe: bool, drop=()):
+    """A model folder with safetensors weights, or with a ``pytorch_model.bin`` (loaded whole) lacking ``drop``."""
+    import torch
+
+    if safe:
+        model.save_pretrained(path)
+    else:
+        model.config.save_pretrained(path)
+        torch.save({k: v for k, v in model.state_dict().items() if k not in drop}, path / "pytorch_model.bin")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors (streamed)", "bin (loaded whole)"])
+def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, tokenizer, safe):
+    import transformers
+
+    from llmbin.models import open_model
+
+    config = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, architectures=["BertForMaskedLM"])
+    folder = _folder(transformers.BertForMaskedLM(config), tmp_path / "bert", tokenizer, safe)
+    with pytest.raises(LlmbinError, match=rf"^model '{folder}' is a BertForMaskedLM, not a causal language model; "):
+        open_model(str(folder))
+
+
+def test_a_checkpoint_lacking_weights_is_refused_not_filled_at_random(tmp_path, tokenizer):
+    from llmbin.models import open_model
+    from tests.conftest import tiny_model
+
+    folder = _folder(tiny_model(), tmp_path / "bin", tokenizer, safe=False, drop={"model.layers.1.mlp.down_proj.weight"})
+    assert not list(folder.glob("*.safetensors"))  # a .bin folder is loaded whole
+    with pytest.raises(LlmbinError, match=rf"^model '{folder}' has no weights for model.layers.1.mlp.down_proj.weight, "
+                                          "which would be initialised at random"):
+        open_model(str(folder))
