@@ -14,6 +14,16 @@ class QuantizationStopped(Exception):
         self.blocks_done = blocks_done
 
 
+def check_token_ids(model, ids) -> None:
+    """Refuse token ids past the model's embedding rows: a tokenizer that does not belong to the
+    model (or a model folder with a foreign tokenizer) would fail with an index error deep inside."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise LlmbinError(f"the tokenizer produced token id {top}, but the model's embedding has {rows} rows; the "
+                          "tokenizer does not belong to this model, use the model's own tokenizer")
+
+
 def check_positions(config, seqlen: int, option: str = "--seqlen") -> None:
     """Refuse windows longer than the model was trained for (``max_position_embeddings``): models
     with learned positions fail with an index error, rotary ones give numbers that mean nothing."""

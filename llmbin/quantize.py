@@ -17,7 +17,7 @@ from .config import QuantConfig
 from .distill import deviation_aware_distill
 from .driver import float_dtype, module_name, quantize_blocks
 from .digests import tensor_digest
-from .errors import LlmbinError, check_positions
+from .errors import LlmbinError, check_positions, check_token_ids
 from .hf_quantizer import mark_quantized
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
@@ -93,6 +93,7 @@ def quantize(
         raise LlmbinError("distillation trains the whole model, so it needs the model loaded whole; "
                           "use llmbin.models.load_model (the CLI does this for --distill)")
     check_positions(model.config, calibration.shape[1])
+    check_token_ids(model, calibration)
     act_dtype = activations_dtype or float_dtype(model)
     model_identity = check_source(model, weights, progress)
     done, on_block_done = {}, None

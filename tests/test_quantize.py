@@ -99,3 +99,14 @@ def test_calibration_windows_longer_than_the_models_positions_are_refused():
     long = torch.randint(0, 300, (2, 257))
     with pytest.raises(LlmbinError, match=r"^--seqlen 257 is longer than the model's 256 positions"):
         llmbin.quantize(tiny_model(), llmbin.PBLLMConfig(), long, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_calibration_ids_past_the_embedding_are_refused(kind):
+    from llmbin.errors import LlmbinError
+    from tests.conftest import tiny_model
+
+    calibration = torch.randint(0, 300, (2, 32))
+    calibration[1, 3] = 512  # a tokenizer with a larger vocabulary than the model's
+    with pytest.raises(LlmbinError, match="token id 512, but the model's embedding has 300 rows"):
+        llmbin.quantize(tiny_model(kind), llmbin.PBLLMConfig(), calibration, progress=False)

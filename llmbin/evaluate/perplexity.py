@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import LlmbinError, check_positions
+from ..errors import LlmbinError, check_positions, check_token_ids
 
 
 @torch.no_grad()
@@ -20,6 +20,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
     if windows == 0:
         raise LlmbinError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}; lower --seqlen")
     check_positions(model.config, seqlen)
+    check_token_ids(model, token_ids)
     weight = model.get_input_embeddings().weight
     device = weight.device if not weight.is_meta else "cpu"  # a dispatched model's hooks move inputs
     total = 0.0

@@ -28,3 +28,10 @@ def test_non_finite_outputs_are_an_error_not_a_nan_perplexity():
         model.model.embed_tokens.weight[:] = float("nan")
     with pytest.raises(LlmbinError, match="outputs are NaN or infinite"):
         perplexity(model, IDS, seqlen=200, progress=False)
+
+
+def test_token_ids_past_the_embedding_are_refused():
+    ids = IDS.clone()
+    ids[5] = 300
+    with pytest.raises(LlmbinError, match="token id 300, but the model's embedding has 300 rows; the tokenizer does not"):
+        perplexity(tiny_model(), ids, seqlen=200, progress=False)
