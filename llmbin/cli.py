@@ -213,6 +213,10 @@ def cmd_eval(args) -> dict:
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
     if not args.tasks and (args.limit is not None or args.task_data or args.cache):
         raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
+    if args.cache:
+        from .evaluate.zeroshot import check_cache
+
+        check_cache(args.cache)  # before the model loads
     lm = None
     if args.checkpoint and args.device_map and args.tasks:
         from .evaluate.zeroshot import checkpoint_lm, prepare_tasks

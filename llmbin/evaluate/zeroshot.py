@@ -118,6 +118,37 @@ def checkpoint_lm(path: str | os.PathLike, *, dtype=None, device: str = "cpu", d
         raise load_error(exc, path, device_map) from None
 
 
+def check_cache(prefix: str | os.PathLike) -> None:
+    """Refuse lm-eval cache files (``PREFIX_rank*.db``) that someone else could have written.
+
+    lm-eval's cache is a SqliteDict, which unpickles what it reads: a crafted file runs code. So
+    each existing file must be a regular file (not a link) owned by this user and writable by
+    no one else, in a folder that others cannot write (unless it is sticky, like /tmp, where they
+    cannot replace a file they do not own)."""
+    import stat
+
+    prefix = Path(prefix)
+    folder = prefix.parent if str(prefix.parent) else Path(".")
+    fix = "delete it or choose another --cache path"
+    if folder.exists():
+        mode = folder.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise LlmbinError(f"--cache folder {folder} is writable by every user, and lm-eval's cache runs the code a "
+                              "crafted file holds; use a folder only you can write")
+    for path in sorted(folder.glob(prefix.name + "_rank*.db")) if folder.exists() else ():
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            problem = "is a link" if stat.S_ISLNK(st.st_mode) else "is not a regular file"
+        elif st.st_uid != os.getuid():
+            problem = f"belongs to another user (uid {st.st_uid})"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = "is writable by other users"
+        else:
+            continue
+        raise LlmbinError(f"cache file {path} {problem}; lm-eval's cache unpickles its contents, which runs any code a "
+                          f"crafted file holds: {fix}")
+
+
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
               task_data: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
               docs: dict[str, list[int]] | None = None) -> dict:
@@ -130,6 +161,8 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
     ``"docs": {task: {"doc_id": [...], metric: [per-document value, ...]}}``, lm-eval's own
     per-document metrics, which ``llmbin.evaluate.shards`` merges across runs."""
     data, manager = prepare_tasks(tasks, limit=limit, batch_size=batch_size, task_data=task_data)
+    if cache is not None:
+        check_cache(cache)
     if docs is not None:
         docs = _check_docs(docs, tasks, limit)
     from lm_eval import simple_evaluate  # after prepare_tasks, which turns a missing lm-eval into a one-line error

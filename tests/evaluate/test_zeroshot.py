@@ -1,5 +1,6 @@
 """``llmbin eval --tasks``: lm-eval on a tiny random model and a packed checkpoint, offline."""
 import json
+import os
 
 import pytest
 
@@ -66,3 +67,47 @@ def test_a_malformed_task_file_is_a_clear_error(tokenizer, tmp_path):
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     with pytest.raises(LlmbinError, match="valid-labels.lst has 2 labels for 1 examples"):
         zero_shot(tiny_model("llama"), tokenizer, ["piqa"], limit=1, task_data=tmp_path)
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda f: (f.write_bytes(b""), f.chmod(0o666)), "is writable by other users"),
+    (lambda f: (f.with_name("elsewhere.db").write_bytes(b""), f.symlink_to(f.with_name("elsewhere.db"))), "is a link"),
+    (lambda f: f.mkdir(), "is not a regular file"),
+])
+def test_cache_files_others_could_have_written_are_refused(tmp_path, make, problem):
+    """lm-eval's SqliteDict unpickles: a cache file someone else could write would run their code."""
+    from llmbin.evaluate.zeroshot import check_cache
+
+    make(tmp_path / "scores_rank0.db")
+    with pytest.raises(LlmbinError, match=rf"^cache file {tmp_path}/scores_rank0.db {problem}; lm-eval's cache "
+                                          "unpickles its contents"):
+        check_cache(tmp_path / "scores")
+
+
+def test_a_cache_file_of_another_user_is_refused(tmp_path, monkeypatch):
+    from llmbin.evaluate.zeroshot import check_cache
+
+    (tmp_path / "scores_rank0.db").write_bytes(b"")
+    check_cache(tmp_path / "scores")  # ours: fine
+    monkeypatch.setattr("os.getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(LlmbinError, match=r"belongs to another user \(uid \d+\)"):
+        check_cache(tmp_path / "scores")
+
+
+def test_a_cache_in_a_folder_everyone_can_write_is_refused(tmp_path):
+    from llmbin.evaluate.zeroshot import check_cache
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(LlmbinError, match="is writable by every user"):
+        check_cache(shared / "scores")
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot replace our files
+    check_cache(shared / "scores")
+
+
+def test_the_cli_checks_the_cache_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "c_rank0.db").write_bytes(b"")
+    (tmp_path / "c_rank0.db").chmod(0o666)
+    assert main(["eval", str(tmp_path / "no-such-checkpoint"), "--tasks", "piqa", "--cache", str(tmp_path / "c")]) == 2
+    assert "is writable by other users" in capsys.readouterr().err
