@@ -126,6 +126,25 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
         raise load_error(exc, path, device_map) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a checkpoint folder, or a one-line error saying it is missing or broken."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise LlmbinError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy them from the "
+                          "original model's folder (llmbin quantize writes them)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # sentencepiece, tiktoken and tokenizers raise unrelated types for a broken file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LlmbinError(f"the tokenizer in {path} cannot be loaded ({first}); copy the tokenizer files from the "
+                          "original model's folder again") from None
+
+
 def load_error(exc: Exception, path: Path, device_map) -> LlmbinError:
     """The one-line error for a failure inside ``from_pretrained`` (llmbin's own checks raise ``LlmbinError`` directly)."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -213,28 +213,30 @@ def cmd_eval(args) -> dict:
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
     if not args.tasks and (args.limit is not None or args.task_data or args.cache):
         raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
+    device_map = _device_map(args.device_map)  # options first, then files, then the model
     if args.cache:
         from .evaluate.zeroshot import check_cache
 
-        check_cache(args.cache)  # before the model loads
+        check_cache(args.cache)
     lm = None
+    if args.checkpoint:
+        from .checkpoint import check_checkpoint, load_tokenizer
+
+        tokenizer = load_tokenizer(check_checkpoint(args.checkpoint))  # cheap checks before the model loads
     if args.checkpoint and args.device_map and args.tasks:
         from .evaluate.zeroshot import checkpoint_lm, prepare_tasks
 
         # lm-eval loads the checkpoint from its path, with its own placement over GPUs, CPU and disk
         prepare_tasks(_task_list(args.tasks), limit=args.limit, batch_size=args.batch_size, task_data=args.task_data)
         lm = checkpoint_lm(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
-                           device_map=_device_map(args.device_map), offload_folder=args.offload_folder,
+                           device_map=device_map, offload_folder=args.offload_folder,
                            batch_size=args.batch_size)
         model, tokenizer = lm.model, lm.tokenizer
     elif args.checkpoint:
-        from transformers import AutoTokenizer
-
         from .checkpoint import load
 
         model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
-                     device_map=_device_map(args.device_map), offload_folder=args.offload_folder)
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+                     device_map=device_map, offload_folder=args.offload_folder)
     if args.checkpoint:
         if args.dense_cache:
             for module in model.modules():
