@@ -19,6 +19,7 @@ import torch
 
 from .errors import LlmbinError
 from .hf_quantizer import QUANT_METHOD
+from .outdir import remove_stale_temporaries, temporary_dir, write_error
 from .nn.binary_linear import BinaryLinear
 from .shards import MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, by_file, shard_files, write_sharded
 from .storage import STORAGE_DTYPE, as_stored, read_tensors, verification
@@ -47,9 +48,13 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     if out.exists():
         raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temporary_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise write_error(exc, out) from None
+    remove_stale_temporaries(out)
     try:
         state = model.state_dict(keep_vars=True)
         shapes, seen = {}, set()
@@ -80,6 +85,9 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         tmp.rename(out)
+    except OSError as exc:  # the config or tokenizer files (the weights raise LlmbinError themselves)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(exc, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -116,13 +117,12 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     from .bits import bit_report, directory_bytes
     from .data.calibration import calibration_windows
     from .models import open_model
+    from .outdir import claim_output
     from .quantize import quantize_and_save
     from .recipes import recipe_config
     from .registry import make_config
 
     out = Path(args.out)
-    if out.exists():
-        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
     options = {k: getattr(args, k) for k in option_names if getattr(args, k) is not None}
     if args.recipe:
         config = recipe_config(args.recipe, args.method, **options)
@@ -139,6 +139,11 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         prepare_tasks(tasks, limit=args.limit, batch_size=args.eval_batch_size, task_data=args.task_data)
     elif args.limit is not None or args.task_data:
         raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
+    if args.nsamples < 1 or args.seqlen < 1:
+        raise LlmbinError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
+    check_device(args.device)
+    check_json_target(args.json)
+    claim_output(out)  # writable, not taken by another run; before the model loads
     opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
     calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
@@ -214,6 +219,8 @@ def cmd_eval(args) -> dict:
     if not args.tasks and (args.limit is not None or args.task_data or args.cache):
         raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
     device_map = _device_map(args.device_map)  # options first, then files, then the model
+    check_device(args.device)
+    check_json_target(args.json)
     if args.cache:
         from .evaluate.zeroshot import check_cache
 
@@ -267,6 +274,35 @@ def cmd_eval(args) -> dict:
                                  args.task_data, args.cache))
     report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
+
+
+def check_device(device: str) -> None:
+    """``--device`` names a device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LlmbinError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LlmbinError(f"--device {device}: this machine (or this torch build) has no CUDA GPU; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise LlmbinError(f"--device {device}: there are only {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    elif parsed.type not in ("cpu", "meta"):
+        raise LlmbinError(f"--device {device}: llmbin runs on cpu or cuda")
+
+
+def check_json_target(path: str | None) -> None:
+    """``--json``'s folder exists and is writable, so the report is not lost after the work."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise LlmbinError(f"--json {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise LlmbinError(f"--json {path}: folder {folder} is not writable; choose another path")
 
 
 def _eval_dtype(name: str, device: str):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from .errors import LlmbinError, check_positions, check_token_ids
 from .hf_quantizer import mark_quantized
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
+from .outdir import claim_output, release_output
 from .packing.packed_weight import FORMAT_VERSION
 from .resume import BlockStore, finished_blocks
 from .shards import MAX_SHARD_BYTES
@@ -142,21 +142,23 @@ def quantize_and_save(opened: OpenedModel, config: QuantConfig, calibration: tor
     one shard at a time; a whole model is saved from memory. Returns the model (a skeleton
     with packed layers on the meta device when streamed)."""
     out = Path(out)
-    if out.exists():
-        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
-    work_dir = out.parent / f"{out.name}.partial"
-    model = quantize(opened.model, config, calibration, device=device, progress=progress, work_dir=work_dir,
-                     calibration_info=calibration_info, weights=opened.weights,
-                     activations_dtype=activation_dtype(opened.dtype, opened.stored_dtype),
-                     offload_activations=offload_activations, activation_budget=activation_budget,
-                     stop_after_blocks=stop_after_blocks, stats=stats)
-    sources = None
-    if opened.streamed:
-        from accelerate.utils import OffloadedWeightsLoader
+    work_dir = claim_output(out)  # locked for this process until the checkpoint is complete
+    try:
+        model = quantize(opened.model, config, calibration, device=device, progress=progress, work_dir=work_dir,
+                         calibration_info=calibration_info, weights=opened.weights,
+                         activations_dtype=activation_dtype(opened.dtype, opened.stored_dtype),
+                         offload_activations=offload_activations, activation_budget=activation_budget,
+                         stop_after_blocks=stop_after_blocks, stats=stats)
+        sources = None
+        if opened.streamed:
+            from accelerate.utils import OffloadedWeightsLoader
 
-        prefix = module_name(model, decoder_layers(model))
-        packed = OffloadedWeightsLoader(index=finished_blocks(work_dir).tensor_index(prefix))
-        sources = ChainMap(packed, opened.weights)
-    save(model, opened.tokenizer, out, sources=sources, max_shard_bytes=max_shard_bytes, progress=progress)
-    shutil.rmtree(work_dir, ignore_errors=True)
+            prefix = module_name(model, decoder_layers(model))
+            packed = OffloadedWeightsLoader(index=finished_blocks(work_dir).tensor_index(prefix))
+            sources = ChainMap(packed, opened.weights)
+        save(model, opened.tokenizer, out, sources=sources, max_shard_bytes=max_shard_bytes, progress=progress)
+    except BaseException:
+        release_output(out, remove=not len(finished_blocks(work_dir)))  # finished blocks stay for the rerun
+        raise
+    release_output(out, remove=True)
     return model

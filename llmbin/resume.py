@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .errors import LlmbinError
+from .outdir import write_error
 from .nn.binary_linear import BinaryLinear
 from .storage import file_layers, layer_metadata, modules_from_tensors, read_tensors, write_tensors
 
@@ -17,9 +18,12 @@ RUN_FILE = "run.json"
 class BlockStore:
     def __init__(self, directory: str | os.PathLike, fingerprint: dict):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, self.dir) from None
         run = self.dir / RUN_FILE
-        if run.exists():
+        if run.exists() and len(finished_blocks(self.dir)):  # without a finished block there is nothing to mix
             try:
                 before = json.loads(run.read_text())
             except (OSError, ValueError) as exc:
@@ -28,7 +32,10 @@ class BlockStore:
             if before != fingerprint:
                 raise LlmbinError(f"{self.dir} holds blocks of another run ({differences(before, fingerprint)}); rerun "
                                   "with the same model and options to resume, or delete that folder to start over")
-        run.write_text(json.dumps(fingerprint, sort_keys=True))
+        try:
+            run.write_text(json.dumps(fingerprint, sort_keys=True))
+        except OSError as exc:
+            raise write_error(exc, run) from None
 
     def _path(self, index: int) -> Path:
         return block_path(self.dir, index)

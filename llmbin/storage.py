@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .digests import ALGORITHM, file_digests, tensor_digest, text_digest
 from .errors import LlmbinError
+from .outdir import write_error
 from .nn.binary_linear import BinaryLinear
 from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, STORAGE_DTYPE, PackedWeight
 
@@ -81,7 +82,11 @@ def file_metadata(layers: dict[str, dict], tensors: Mapping[str, torch.Tensor]) 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
     """Write ``tensors`` (on any device) plus the description of the packed ``layers`` among them."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata=file_metadata(layers, tensors))
+    try:
+        save_file(tensors, str(path), metadata=file_metadata(layers, tensors))
+    except (OSError, SafetensorError) as exc:
+        Path(path).unlink(missing_ok=True)
+        raise write_error(exc, path) from None
 
 
 def verify_file(path: Path, metadata: dict[str, str]) -> None:

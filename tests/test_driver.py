@@ -69,11 +69,13 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
 
 
 def test_a_run_with_other_options_does_not_resume_silently(tmp_path):
-    from llmbin.resume import BlockStore
+    from llmbin.resume import BlockStore, block_path
 
     BlockStore(tmp_path, {"salient_frac": 0.1})
-    with pytest.raises(LlmbinError, match="another run"):
-        BlockStore(tmp_path, {"salient_frac": 0.2})
+    BlockStore(tmp_path, {"salient_frac": 0.2})  # no finished block yet: nothing to mix, the new run takes over
+    block_path(tmp_path, 0).write_bytes(b"")  # a finished block of the 0.2 run
+    with pytest.raises(LlmbinError, match=r"another run \(salient_frac: 0.2 then, 0.3 now\)"):
+        BlockStore(tmp_path, {"salient_frac": 0.3})
 
 
 def test_nan_weights_get_a_clear_error():

@@ -1,0 +1,94 @@
+"""The output folder of a quantization run: claimed before any heavy work, locked against a second
+run, and cleared of what killed runs left behind.
+
+``OUT`` appears only complete (``checkpoint.save`` writes ``.OUT.tmp-PID`` and renames it);
+``OUT.partial/`` holds the finished blocks of an unfinished run and a lock file. A second process
+asking for the same ``OUT`` fails at once instead of racing the first.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from .errors import LlmbinError
+
+LOCK_FILE = "lock"
+_held: dict[Path, object] = {}  # work folder -> open lock file of this process
+
+
+def work_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
+
+
+def temporary_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def claim_output(out: str | os.PathLike) -> Path:
+    """Check that ``out`` can be written, lock ``OUT.partial/`` for this process and remove what
+    killed runs left; returns the work folder. Idempotent within a process."""
+    out = Path(out)
+    if out.exists():
+        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
+    work = work_dir(out)
+    if work in _held:
+        return work
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        lock = open(work / LOCK_FILE, "a")
+    except OSError as exc:
+        raise LlmbinError(f"cannot write {work} ({exc.strerror or exc}); choose an --out in a folder you can write") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LlmbinError(f"another llmbin run is writing {out} (it holds {work / LOCK_FILE}); wait for it to "
+                              "finish or choose another --out") from None
+        raise LlmbinError(f"cannot lock {work / LOCK_FILE} ({exc.strerror}); choose an --out on a local disk") from None
+    _held[work] = lock
+    remove_stale_temporaries(out)
+    return work
+
+
+def release_output(out: str | os.PathLike, remove: bool) -> None:
+    """Unlock ``OUT.partial/`` (and delete it with ``remove``, once ``OUT`` is complete)."""
+    work = work_dir(out)
+    lock = _held.pop(work, None)
+    if remove:
+        shutil.rmtree(work, ignore_errors=True)
+    if lock is not None:
+        lock.close()
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete ``.OUT.tmp-PID`` folders whose process is gone (a run killed while saving)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def write_error(exc: BaseException, target: str | os.PathLike) -> LlmbinError:
+    """The one-line error for a failed write (``OSError``, or safetensors' own error type)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return LlmbinError(f"no space left on the device while writing {target}; free some space or choose an --out "
+                           "on another disk, then rerun (finished blocks are kept)")
+    if getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return LlmbinError(f"cannot write {target} ({exc.strerror}); choose an --out in a folder you can write")
+    return LlmbinError(f"writing {target} failed ({text}); check the disk and rerun (finished blocks are kept)")
