@@ -32,9 +32,11 @@ def claim_output(out: str | os.PathLike) -> Path:
     """Check that ``out`` can be written, lock ``OUT.partial/`` for this process and remove what
     killed runs left; returns the work folder. Idempotent within a process."""
     out = Path(out)
-    if out.exists():
-        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
     work = work_dir(out)
+    if out.exists():
+        _remove_if_unlocked(work)  # a run killed after its checkpoint was complete, before it cleaned up
+        remove_stale_temporaries(out)
+        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
     if work in _held:
         return work
     try:
@@ -63,6 +65,17 @@ def release_output(out: str | os.PathLike, remove: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
     if lock is not None:
         lock.close()
+
+
+def _remove_if_unlocked(work: Path) -> None:
+    if not (work / LOCK_FILE).is_file() or work in _held:
+        return
+    with open(work / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a live run holds it
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def remove_stale_temporaries(out: Path) -> None:

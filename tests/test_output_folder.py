@@ -137,3 +137,15 @@ def test_claiming_twice_in_one_process_is_allowed_and_release_unlocks(tmp_path):
     assert claim_output(out) == claim_output(out) == work_dir(out)
     release_output(out, remove=True)
     assert not work_dir(out).exists()
+
+
+def test_a_partial_folder_left_beside_a_complete_checkpoint_is_removed(tmp_path):
+    from llmbin.errors import LlmbinError
+
+    out = tmp_path / "ckpt"
+    out.mkdir()  # complete (it only ever appears complete), but the run was killed before removing its work folder
+    (work_dir(out) / "block_00000.safetensors").parent.mkdir()
+    (work_dir(out) / LOCK_FILE).write_text("")
+    with pytest.raises(LlmbinError, match="already exists"):
+        claim_output(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -1,0 +1,88 @@
+"""kill -9 at any point of ``llmbin quantize``, then the same command again: the checkpoint is the
+one an uninterrupted run writes, byte for byte (same machine, same thread count)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from llmbin.digests import file_digests
+
+BLOCKS = 6
+
+
+@pytest.fixture(scope="module")
+def six_block_dir(tmp_path_factory, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.num_hidden_layers = BLOCKS
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("six") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _command(model_dir, text_file, out):
+    return [sys.executable, "-m", "llmbin.cli", "quantize", "--model", str(model_dir), "--method", "db-llm",
+            "--calib-data", str(text_file), "--nsamples", "8", "--seqlen", "64", "--out", str(out), "--no-progress"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _kill_when(command, ready, timeout=120.0):
+    """Start ``command``, SIGKILL it as soon as ``ready()`` holds (or when it ends), return its exit status."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(six_block_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "ckpt"
+    subprocess.run(_command(six_block_dir, text_file, out), env=_env(), check=True, capture_output=True)
+    return file_digests(out / "model.safetensors")
+
+
+def _blocks(out):
+    partial = out.parent / f"{out.name}.partial"
+    return len(list(partial.glob("block_*.safetensors"))) if partial.exists() else 0
+
+
+@pytest.mark.parametrize("moment", ["after 2 blocks", "after 5 blocks", "while saving", "at a random time"])
+def test_a_killed_run_resumes_to_the_uninterrupted_checkpoint(six_block_dir, text_file, tmp_path, uninterrupted, moment):
+    out = tmp_path / "ckpt"
+    command = _command(six_block_dir, text_file, out)
+    if moment.startswith("after"):
+        wanted = int(moment.split()[1])
+        ready = lambda: _blocks(out) >= wanted  # noqa: E731
+    elif moment == "while saving":
+        ready = lambda: any(p.name.startswith(".ckpt.tmp-") for p in tmp_path.iterdir())  # noqa: E731
+    else:
+        start, delay = time.monotonic(), random.uniform(1.0, 8.0)  # anywhere from imports to the end
+        ready = lambda: time.monotonic() - start > delay  # noqa: E731
+    status = _kill_when(command, ready)
+    if moment != "at a random time":
+        assert status == -signal.SIGKILL
+    if out.exists():  # killed after the rename: the checkpoint under the final name is always complete
+        assert file_digests(out / "model.safetensors") == uninterrupted
+        rerun = subprocess.run(command, env=_env(), capture_output=True, text=True)
+        assert rerun.returncode == 2 and "already exists" in rerun.stderr  # and it clears what the kill left
+    else:
+        subprocess.run(command, env=_env(), check=True, capture_output=True)
+    assert file_digests(out / "model.safetensors") == uninterrupted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .partial, no .ckpt.tmp-PID left
