@@ -118,7 +118,8 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     from .data.calibration import calibration_windows
     from .models import open_model
     from .outdir import claim_output
-    from .quantize import quantize_and_save
+    from .quantize import quantize_and_save, run_options
+    from .resume import check_resumable
     from .recipes import recipe_config
     from .registry import make_config
 
@@ -143,10 +144,11 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         raise LlmbinError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
     check_device(args.device)
     check_json_target(args.json)
-    claim_output(out)  # writable, not taken by another run; before the model loads
+    info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    # before the model loads: the output can be written and is not another run's, and a resume has these options
+    check_resumable(claim_output(out), run_options(config, {"model": args.model, **info}))
     opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
     calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
-    info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     start, stats = time.perf_counter(), {}
     report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),
               "calibration": info, "dtype": str(opened.dtype).removeprefix("torch."), "streamed": opened.streamed,

@@ -27,6 +27,12 @@ from .shards import MAX_SHARD_BYTES
 from .storage import STORAGE_DTYPE
 
 
+def run_options(config: QuantConfig, calibration_info: dict | None) -> dict:
+    """The part of a run's resume fingerprint known before the model loads."""
+    return {"config": config.to_dict(), "calibration": calibration_info or {}, "llmbin_version": __version__,
+            "format_version": FORMAT_VERSION}
+
+
 FINITE_CHUNK = 1 << 24  # elements checked for NaN/inf at a time (bounds the temporary mask)
 
 
@@ -98,11 +104,10 @@ def quantize(
     model_identity = check_source(model, weights, progress)
     done, on_block_done = {}, None
     if work_dir is not None:
-        fingerprint = {"config": config.to_dict(), "calibration": calibration_info or {},
+        fingerprint = {**run_options(config, calibration_info),
                        "shape": list(calibration.shape), "checksum": int(calibration.sum()),
                        "dtype": str(float_dtype(model)), "activations": str(act_dtype),
-                       "device": torch.device(device).type, "model_weights": model_identity,
-                       "llmbin_version": __version__, "format_version": FORMAT_VERSION}
+                       "device": torch.device(device).type, "model_weights": model_identity}
         store = BlockStore(work_dir, fingerprint)
         done, on_block_done = store.finished(), store.save
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}

@@ -23,15 +23,7 @@ class BlockStore:
         except OSError as exc:
             raise write_error(exc, self.dir) from None
         run = self.dir / RUN_FILE
-        if run.exists() and len(finished_blocks(self.dir)):  # without a finished block there is nothing to mix
-            try:
-                before = json.loads(run.read_text())
-            except (OSError, ValueError) as exc:
-                raise LlmbinError(f"{run} is unreadable ({exc}); delete {self.dir} to start over") from None
-            fingerprint = json.loads(json.dumps(fingerprint))  # as it would read back (tuples become lists)
-            if before != fingerprint:
-                raise LlmbinError(f"{self.dir} holds blocks of another run ({differences(before, fingerprint)}); rerun "
-                                  "with the same model and options to resume, or delete that folder to start over")
+        check_resumable(self.dir, fingerprint)
         try:
             run.write_text(json.dumps(fingerprint, sort_keys=True))
         except OSError as exc:
@@ -51,6 +43,25 @@ class BlockStore:
         tmp.rename(self._path(index))  # a block file exists only once it is complete
 
 
+def check_resumable(directory: str | os.PathLike, fingerprint: dict) -> None:
+    """Refuse to resume the finished blocks in ``directory`` unless its run had this ``fingerprint``;
+    only the keys given are compared, so the options can be checked before the model loads and
+    the rest (the model's weights digest, the calibration checksum) once they are known."""
+    directory = Path(directory)
+    run = directory / RUN_FILE
+    if not run.exists() or not len(finished_blocks(directory)):  # without a finished block there is nothing to mix
+        return
+    try:
+        before = json.loads(run.read_text())
+    except (OSError, ValueError) as exc:
+        raise LlmbinError(f"{run} is unreadable ({exc}); delete {directory} to start over") from None
+    now = json.loads(json.dumps(fingerprint))  # as it would read back (tuples become lists)
+    before = {k: before.get(k) for k in now} if isinstance(before, dict) else before
+    if before != now:
+        raise LlmbinError(f"{directory} holds blocks of another run ({differences(before, now)}); rerun "
+                          "with the same model and options to resume, or delete that folder to start over")
+
+
 def differences(before: dict, now: dict, limit: int = 3) -> str:
     """What changed between two fingerprints, e.g. ``config.salient_frac: 0.1 then, 0.2 now``."""
     def flat(d, prefix=""):
@@ -66,6 +77,13 @@ def differences(before: dict, now: dict, limit: int = 3) -> str:
     a, b = flat(before), flat(now)
     changed = [f"{k}: {show(a.get(k))} then, {show(b.get(k))} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def damaged_block(path: Path, exc: LlmbinError) -> LlmbinError:
+    """A damaged finished block: the fix is to quantize that block again, not to re-create a checkpoint."""
+    problem = str(exc).split("; ")[0]
+    return LlmbinError(f"finished block {problem} (damaged); delete {path} and rerun the same command to quantize "
+                       "that block again")
 
 
 def block_path(directory: Path, index: int) -> Path:
@@ -89,8 +107,11 @@ class FinishedBlocks(Mapping):
     def __getitem__(self, index: int) -> dict[str, BinaryLinear]:
         if not isinstance(index, int) or not 0 <= index < len(self.paths):
             raise KeyError(index)
-        tensors, layers = read_tensors(self.paths[index])
-        return modules_from_tensors(tensors, layers)
+        try:
+            tensors, layers = read_tensors(self.paths[index])
+            return modules_from_tensors(tensors, layers)
+        except LlmbinError as exc:
+            raise damaged_block(self.paths[index], exc) from None
 
     def __contains__(self, index) -> bool:
         return isinstance(index, int) and 0 <= index < len(self.paths)
@@ -108,7 +129,10 @@ class FinishedBlocks(Mapping):
 
         index = {}
         for i, path in enumerate(self.paths):
-            file_layers(path)  # a foreign or damaged file fails here, by name
+            try:
+                file_layers(path)  # a foreign or damaged file fails here, by name
+            except LlmbinError as exc:
+                raise damaged_block(path, exc) from None
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     index[f"{block_prefix}.{i}.{key}"] = {"safetensors_file": str(path), "weight_name": key}

@@ -156,8 +156,15 @@ def test_a_corrupt_finished_block_is_not_resumed(tmp_path):
     quantize_blocks(tiny_model(), config, CALIB, on_block_done=store.save, progress=False)
     path = block_path(tmp_path / "work", 0)
     flip_byte(path, "self_attn.k_proj.alpha")
-    with pytest.raises(LlmbinError, match=rf"block_00000.safetensors: tensor self_attn.k_proj.alpha does not match"):
+    with pytest.raises(LlmbinError, match=rf"^finished block {path}: tensor self_attn.k_proj.alpha does not match its "
+                                          rf"digest \(damaged\); delete {path} and rerun the same command"):
         quantize_blocks(tiny_model(), config, CALIB, done=store.finished(), progress=False)
+    path.unlink()  # the advice, followed: the block is quantized again, to what it was
+    fresh = BlockStore(tmp_path / "again", {"test": 1})
+    quantize_blocks(tiny_model(), config, CALIB, on_block_done=fresh.save, progress=False)
+    resumed = tiny_model()
+    quantize_blocks(resumed, config, CALIB, done=store.finished(), on_block_done=store.save, progress=False)
+    assert file_digests(path) == file_digests(block_path(tmp_path / "again", 0))
 
 
 def _interrupted_run(model_dir, out, monkeypatch):

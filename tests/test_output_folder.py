@@ -149,3 +149,23 @@ def test_a_partial_folder_left_beside_a_complete_checkpoint_is_removed(tmp_path)
     with pytest.raises(LlmbinError, match="already exists"):
         claim_output(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_resume_with_other_options_is_refused_before_the_model_loads(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    from llmbin.resume import BlockStore
+
+    original = BlockStore.save
+
+    def save_then_interrupt(self, index, modules):
+        original(self, index, modules)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockStore, "save", save_then_interrupt)
+    out = tmp_path / "ckpt"
+    assert _quantize(tiny_model_dir, text_file, out) == 2  # interrupted after one block
+    capsys.readouterr()
+    monkeypatch.setattr("llmbin.models.open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert _quantize(tiny_model_dir, text_file, out, "--seed", "3") == 2
+    assert (f"{out}.partial holds blocks of another run (calibration.seed: 0 then, 3 now); rerun with the same model "
+            "and options to resume") in _one_line_error(capsys)
