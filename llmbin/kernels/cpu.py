@@ -30,23 +30,50 @@ TORCH_LOCK = "lock"  # the marker file torch's extension builder waits on, forev
 
 
 def build_directory() -> Path:
+    """The cache folder of this build: keyed by the sources' content, the flags and the Python
+    environment (torch's and Python's header paths are part of the compile command, and ninja
+    rebuilds whenever a command changes, so two environments sharing one folder would rebuild each
+    other's binary in turn)."""
     import torch
 
     root = os.environ.get("LLMBIN_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                          "llmbin", "kernels")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
+                         + os.path.realpath(sys.prefix).encode() + os.path.realpath(torch.__file__).encode()).hexdigest()[:12]
     return Path(root) / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
+def cached_sources(directory: Path) -> list[Path]:
+    """The sources as the build compiles them: copies inside the build folder, made once. ninja
+    decides by modification times, so compiling a checkout's own files rebuilt the binary after
+    every fresh clone or branch switch although not a byte had changed."""
+    copies = []
+    for source in SOURCES:
+        copy = directory / "src" / source.name
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_bytes(source.read_bytes())
+            tmp.replace(copy)
+        copies.append(copy)
+    return copies
 
 
 @contextlib.contextmanager
 def build_lock(directory: Path):
     """One builder per directory. torch's own marker file survives a build that was killed
     (Ctrl-C, a timeout, a machine image taken mid-build) and then blocks every later process
-    forever; an OS lock is released when its holder dies, so whoever holds it may delete the marker."""
+    forever; an OS lock is released when its holder dies, so whoever holds it may delete the marker.
+    A process that has to wait says so, once."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "llmbin.lock", "a") as handle:
         if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                print(f"llmbin: waiting for another process to finish building the CPU kernel in {directory} "
+                      "(a first build takes a few minutes)", file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
         (directory / TORCH_LOCK).unlink(missing_ok=True)
         yield
 
@@ -61,7 +88,8 @@ def extension():
 
         directory = build_directory()
         with build_lock(directory):
-            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in SOURCES], build_directory=str(directory),
+            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
+                                      build_directory=str(directory),
                                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                       verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
     except Exception as exc:  # noqa: BLE001 (any build failure means: use the reference path)
