@@ -112,6 +112,41 @@ def check_causal_lm(config, model: str) -> None:
                           "LMs (LlamaForCausalLM and the like): use a causal checkpoint")
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by an address-space limit."""
+    import resource
+
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        available = soft if available is None else min(available, soft)
+    return available
+
+
+def check_memory_for(config, dtype: torch.dtype, model: str) -> None:
+    """Refuse, before loading, a whole model that cannot fit: its parameters in ``dtype`` against
+    the memory available (a load that runs out dies silently under the OOM killer)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    available = available_memory()
+    if available is None:
+        return
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    need = sum(p.numel() for p in skeleton.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    if need > available:
+        raise LlmbinError(f"model {model!r} loaded whole needs about {need / 2**30:.1f} GiB ({dtype}), but only "
+                          f"{available / 2**30:.1f} GiB is available; use a safetensors folder of the model (streamed "
+                          "one block at a time, see README 'Big models') or a machine with more memory")
+
+
 def load_model(model: str, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` whole; errors are one line naming the problem and the fix. A
     checkpoint that lacks some of the model's weights is refused (they would be random)."""
@@ -119,7 +154,9 @@ def load_model(model: str, dtype: torch.dtype = torch.float32):
 
     source, extra = resolve_model(model)
     with _load_errors(model):
-        check_causal_lm(AutoConfig.from_pretrained(source, **extra), model)
+        config = AutoConfig.from_pretrained(source, **extra)
+        check_causal_lm(config, model)
+        check_memory_for(config, dtype, model)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         lm, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **extra)
     missing = sorted(info.get("missing_keys") or ())

@@ -148,3 +148,30 @@ def test_a_checkpoint_lacking_weights_is_refused_not_filled_at_random(tmp_path, 
     with pytest.raises(LlmbinError, match=rf"^model '{folder}' has no weights for model.layers.1.mlp.down_proj.weight, "
                                           "which would be initialised at random"):
         open_model(str(folder))
+
+
+def test_a_whole_load_that_cannot_fit_is_refused_before_loading(tmp_path, tokenizer, monkeypatch):
+    import torch
+
+    from llmbin.models import load_model
+    from tests.conftest import tiny_model
+
+    folder = _folder(tiny_model(), tmp_path / "bin", tokenizer, safe=False)
+    params = sum(p.numel() for p in tiny_model().parameters())
+    monkeypatch.setattr("llmbin.models.available_memory", lambda: params * 4 - 1)  # one byte short in fp32
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(LlmbinError, match=rf"^model '{folder}' loaded whole needs about 0.0 GiB \(torch.float32\), but "
+                                          r"only 0.0 GiB is available; use a safetensors folder"):
+        load_model(str(folder), torch.float32)
+
+
+def test_available_memory_respects_an_address_space_limit():
+    from llmbin.models import available_memory
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, resource.RLIM_INFINITY)); "
+            "from llmbin.models import available_memory; print(available_memory())")
+    import subprocess
+    import sys
+
+    limited = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < limited <= 6 * 2**30 and available_memory() > 0
