@@ -117,9 +117,9 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     from .bits import bit_report, directory_bytes
     from .data.calibration import calibration_windows
     from .models import open_model
-    from .outdir import claim_output
+    from .outdir import claim_output, release_output
     from .quantize import quantize_and_save, run_options
-    from .resume import check_resumable
+    from .resume import check_resumable, finished_blocks
     from .recipes import recipe_config
     from .registry import make_config
 
@@ -146,26 +146,32 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     check_json_target(args.json)
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     # before the model loads: the output can be written and is not another run's, and a resume has these options
-    check_resumable(claim_output(out), run_options(config, {"model": args.model, **info}))
-    opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
-    calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
-    start, stats = time.perf_counter(), {}
-    report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),
-              "calibration": info, "dtype": str(opened.dtype).removeprefix("torch."), "streamed": opened.streamed,
-              "device": args.device, "timings": stats}
+    work = claim_output(out)
     try:
+        check_resumable(work, run_options(config, {"model": args.model, **info}))
+        opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
+        calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
+        start, stats = time.perf_counter(), {}
+        report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),
+                  "calibration": info, "dtype": str(opened.dtype).removeprefix("torch."), "streamed": opened.streamed,
+                  "device": args.device, "timings": stats}
         model = quantize_and_save(opened, config, calibration, out, device=args.device, progress=not args.no_progress,
                                   calibration_info={"model": args.model, **info},
                                   offload_activations=args.offload_activations,
                                   stop_after_blocks=args.stop_after_blocks, stats=stats)
-    except KeyboardInterrupt:
-        raise LlmbinError(f"interrupted; finished blocks are kept in {out}.partial, rerun the same command to resume") from None
     except QuantizationStopped as stop:
         report.update({"stopped_after_blocks": stop.blocks_done, "quantize_seconds": time.perf_counter() - start,
                        "peak_rss_mib": _peak_rss_mib()})
         print(f"stopped after {stop.blocks_done} blocks as asked; they are in {out}.partial, rerun without "
               f"--stop-after-blocks to continue (peak RSS {report['peak_rss_mib']:.0f} MiB)")
         return report
+    except BaseException as exc:
+        kept = len(finished_blocks(work)) if work.exists() else 0
+        release_output(out, remove=not kept)  # nothing half-written stays; finished blocks do, for the rerun
+        if isinstance(exc, KeyboardInterrupt):
+            raise LlmbinError(f"interrupted; {kept} finished blocks are kept in {work}, rerun the same command to resume"
+                              if kept else "interrupted before any block was finished; nothing was kept") from None
+        raise
     seconds = time.perf_counter() - start
     bits = bit_report(model)
     report.update({"bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),

@@ -242,3 +242,30 @@ def test_a_non_finite_value_in_a_streamed_model_is_refused_by_name(tmp_path, tok
     with pytest.raises(LlmbinError, match=r"^model.norm.weight has NaN or infinite values"):
         llmbin.quantize_and_save(opened, llmbin.PBLLMConfig(), CALIB, tmp_path / "ckpt", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_config_json_that_is_not_json_is_a_one_line_error(saved, tmp_path, tiny_model_dir, text_file, capsys):
+    from llmbin.cli import main
+
+    dst = _copy(saved[1], tmp_path)
+    (dst / "config.json").write_text("{ not json")
+    assert main(["eval", str(dst), "--max-windows", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json cannot be read" in err
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text("{ not json")
+    assert main(["quantize", "--model", str(model), "--method", "pb-llm", "--calib-data", str(text_file), "--nsamples",
+                 "2", "--seqlen", "32", "--out", str(tmp_path / "q"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"could not load model '{model}'" in err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_invalid_json_in_the_layer_description_is_a_one_line_error_with_or_without_verification(saved, tmp_path):
+    dst = _copy(saved[1], tmp_path)
+    edit_header(dst / "model.safetensors", b'\\"planes\\": 1', b'\\"planes\\"; 1')
+    with pytest.raises(LlmbinError, match="packed-layer description does not match its digest"):
+        llmbin.load(dst)
+    with pytest.raises(LlmbinError, match="damaged layer description; re-create the checkpoint"):
+        llmbin.load(dst, verify=False)
