@@ -1,4 +1,5 @@
 """Tiny random models with a real (locally trained) tokenizer: no hub, no downloads."""
+import contextlib
 import random
 
 import pytest
@@ -94,3 +95,22 @@ def ext():
     if module is None:
         pytest.fail("the C++ CPU kernel did not build; CI needs a C++ compiler and ninja")
     return module
+
+
+@contextlib.contextmanager
+def interrupt_after_first_block(monkeypatch):
+    """Inside the block, a quantization stops with KeyboardInterrupt right after saving its first
+    finished block (as a kill at that point would); the real ``BlockStore.save`` is back afterwards."""
+    from llmbin.resume import BlockStore
+
+    original = BlockStore.save
+
+    def save_then_interrupt(self, index, modules):
+        original(self, index, modules)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockStore, "save", save_then_interrupt)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(BlockStore, "save", original)

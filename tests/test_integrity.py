@@ -10,7 +10,7 @@ import torch
 import llmbin
 from llmbin.digests import file_digests, file_header_json, tensor_digest
 from llmbin.errors import LlmbinError
-from tests.conftest import packed_checkpoint, tiny_model
+from tests.conftest import interrupt_after_first_block, packed_checkpoint, tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
 INPUT = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -170,18 +170,9 @@ def test_a_corrupt_finished_block_is_not_resumed(tmp_path):
 def _interrupted_run(model_dir, out, monkeypatch):
     """Quantize ``model_dir`` into ``out`` and stop after the first finished block, as a kill would."""
     from llmbin.models import open_model
-    from llmbin.resume import BlockStore
 
-    original = BlockStore.save
-
-    def save_then_interrupt(self, index, modules):
-        original(self, index, modules)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockStore, "save", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after_first_block(monkeypatch), pytest.raises(KeyboardInterrupt):
         llmbin.quantize_and_save(open_model(str(model_dir)), llmbin.PBLLMConfig(), CALIB, out, progress=False)
-    monkeypatch.setattr(BlockStore, "save", original)
 
 
 def test_a_swapped_model_is_not_resumed(tmp_path, tokenizer, monkeypatch):

@@ -153,17 +153,11 @@ def test_a_partial_folder_left_beside_a_complete_checkpoint_is_removed(tmp_path)
 
 def test_a_resume_with_other_options_is_refused_before_the_model_loads(tiny_model_dir, text_file, tmp_path, capsys,
                                                                          monkeypatch):
-    from llmbin.resume import BlockStore
+    from tests.conftest import interrupt_after_first_block
 
-    original = BlockStore.save
-
-    def save_then_interrupt(self, index, modules):
-        original(self, index, modules)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockStore, "save", save_then_interrupt)
     out = tmp_path / "ckpt"
-    assert _quantize(tiny_model_dir, text_file, out) == 2  # interrupted after one block
+    with interrupt_after_first_block(monkeypatch):
+        assert _quantize(tiny_model_dir, text_file, out) == 2  # interrupted after one block
     capsys.readouterr()
     monkeypatch.setattr("llmbin.models.open_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert _quantize(tiny_model_dir, text_file, out, "--seed", "3") == 2

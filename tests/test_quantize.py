@@ -74,19 +74,11 @@ def test_streamed_checkpoint_is_sharded_when_large(tiny_sharded_dir, streamed, t
 
 def test_resume_refuses_another_dtype(tiny_sharded_dir, tmp_path, monkeypatch):
     from llmbin.errors import LlmbinError
-    from llmbin.resume import BlockStore
+    from tests.conftest import interrupt_after_first_block
 
-    original = BlockStore.save
-
-    def save_then_interrupt(self, index, modules):
-        original(self, index, modules)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(BlockStore, "save", save_then_interrupt)
     out = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after_first_block(monkeypatch), pytest.raises(KeyboardInterrupt):
         quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(), CALIB, out, progress=False)
-    monkeypatch.setattr(BlockStore, "save", original)
     with pytest.raises(LlmbinError, match="another run"):  # a resume never mixes float32 and bfloat16 blocks
         quantize_and_save(open_model(str(tiny_sharded_dir), dtype="bfloat16"), llmbin.PBLLMConfig(), CALIB, out,
                           progress=False)
