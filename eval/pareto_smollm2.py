@@ -39,11 +39,17 @@ def this_machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+OLD_PBLLM = " (no α search)"
+
+
 def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
     config = quant["config"]
-    recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated")
+    recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated").removesuffix("-ss6")
+    family = config["method"]
+    if family == "pb-llm" and config.get("scale_search", 0) <= 1:
+        recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
     rotate = config.get("rotate", "none")
-    return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": config["method"],
+    return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": family,
             "rotate": rotate, "seed": quant["calibration"].get("seed"), "nsamples": quant["calibration"].get("nsamples"),
             "bits_per_weight": quant["bits_per_weight"], "ppl": evaluated["ppl"]["wikitext2"], "tool": "llmbin",
             "machine": machine, "source": source}

@@ -44,6 +44,7 @@ class PBLLMConfig(QuantConfig):
     salient_metric: str = "hessian"  # "hessian": w² / [H⁻¹]ⱼⱼ², or "magnitude": |w|
     salient_bits: int = 8
     refit_scales: bool = True  # re-solve (μ, α) per row for least Hessian-weighted error after GPTQ
+    scale_search: int = 6  # GPTQ passes with α scaled by 0.5…1; each row keeps its best (0 or 1: one pass, α as fitted)
 
     def validate(self) -> None:
         super().validate()
@@ -53,6 +54,8 @@ class PBLLMConfig(QuantConfig):
             raise LlmbinError(f"--salient-metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
         if not 2 <= self.salient_bits <= 8:
             raise LlmbinError(f"salient_bits must be between 2 and 8, got {self.salient_bits}")
+        if not 0 <= self.scale_search <= 16:
+            raise LlmbinError(f"scale_search must be between 0 and 16 GPTQ passes, got {self.scale_search}")
 
 
 _KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),

@@ -23,8 +23,20 @@ def gptq_reconstruct(
     begin_block: BlockStart | None = None,
 ) -> torch.Tensor:
     """Quantize ``W (N, K)`` column by column with error feedback; returns the quantized ``Q``."""
+    return gptq_reconstruct_scored(W, Hinv_upper, quantize_column, blocksize, begin_block)[0]
+
+
+def gptq_reconstruct_scored(
+    W: torch.Tensor, Hinv_upper: torch.Tensor, quantize_column: ColumnQuantizer, blocksize: int = 128,
+    begin_block: BlockStart | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_reconstruct`, plus each row's error ``Σⱼ errⱼ²`` (N,) at no extra cost.
+
+    By the OBS identity this is the row's ``(w − q) H (w − q)ᵀ`` for the damped ``H`` whose
+    inverse Cholesky factor ``Hinv_upper`` is, so settings can be compared without forming H."""
     W = W.clone()
     Q = torch.zeros_like(W)
+    row_error = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
     columns = W.shape[1]
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
@@ -40,5 +52,6 @@ def gptq_reconstruct(
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        row_error += Err1.double().pow(2).sum(dim=1)
         W[:, end:] -= Err1 @ Hinv_upper[start:end, end:]
-    return Q
+    return Q, row_error

@@ -1,6 +1,6 @@
 import torch
 
-from llmbin.algorithms.gptq import gptq_reconstruct
+from llmbin.algorithms.gptq import gptq_reconstruct, gptq_reconstruct_scored
 from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
 from llmbin.algorithms.levels import refine_fit
 from llmbin.algorithms.metrics import hessian_weighted_error, sqnr_db
@@ -29,6 +29,17 @@ def test_gptq_binarization_beats_plain_sign_binarization(layer_problem):
     rtn = binarize(W, mu[:, None], alpha[0, :, None])
     gptq = gptq_reconstruct(W, inverse_cholesky(H), lambda w, j: binarize(w, mu, alpha[0]))
     assert hessian_weighted_error(W, gptq, H) < 0.95 * hessian_weighted_error(W, rtn, H)
+
+
+def test_scored_row_error_is_the_hessian_weighted_error(layer_problem):
+    # the OBS identity: GPTQ's accumulated column errors equal (w - q) H (w - q)ᵀ per row, for any format
+    W, H = layer_problem
+    W, H = prepare_hessian(W.double(), H.double(), 0.01)
+    rtn = lambda w, j: torch.round(w * 7) / 7  # noqa: E731
+    Q, row_error = gptq_reconstruct_scored(W, inverse_cholesky(H), rtn, 16)
+    E = W - Q
+    assert torch.allclose(row_error, ((E @ H) * E).sum(dim=1), rtol=1e-9)
+    assert torch.equal(Q, gptq_reconstruct(W, inverse_cholesky(H), rtn, 16))
 
 
 def test_sqnr():

@@ -46,6 +46,21 @@ def test_refit_of_scales_lowers_the_hessian_weighted_error(layer_problem):
     assert hessian_weighted_error(W, refit, H) < hessian_weighted_error(W, plain, H)
 
 
+@pytest.mark.parametrize("frac", [0.1, 0.5])
+def test_scale_search_keeps_each_rows_best_pass(layer_problem, frac):
+    # the plain α (γ = 1) is one of the passes, so no row gets worse; the stored scales are the ones
+    # the chosen pass used, so the checkpoint's weight is that pass's Q (its error, recomputed from H)
+    W, H = layer_problem
+    W2, H2 = prepare_hessian(W, H, 0.01)
+    def row_errors(config):
+        E = W2.double() - pbllm_quantize(W, H, config).decode().double()
+        return ((E @ H2.double()) * E).sum(dim=1)
+    plain = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=0))
+    searched = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=6))
+    assert (searched <= plain * (1 + 1e-6)).all()
+    assert searched.sum() < 0.99 * plain.sum()
+
+
 @pytest.mark.parametrize("metric", ["hessian", "magnitude"])
 def test_salient_fraction_is_exact(layer_problem, metric):
     W, H = layer_problem
@@ -70,6 +85,8 @@ def test_hessian_metric_prefers_inputs_the_output_is_sensitive_to():
     ({"salient_metric": "random"}, "salient-metric"),
     ({"percdamp": 0.0}, "percdamp"),
     ({"salient_bits": 9}, "salient_bits"),
+    ({"scale_search": 17}, "scale_search"),
+    ({"scale_search": -1}, "scale_search"),
     ({"group_size": 64}, "unknown option"),
 ])
 def test_invalid_options_are_rejected(options, match):
