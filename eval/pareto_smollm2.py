@@ -44,7 +44,7 @@ OLD_PBLLM = " (no α search)"
 
 def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
     config = quant["config"]
-    recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated").removesuffix("-ss6")
+    recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated").removesuffix("-ss6").removesuffix("-ss0")
     family = config["method"]
     if family == "pb-llm" and config.get("scale_search", 0) <= 1:
         recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
