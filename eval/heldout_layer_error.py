@@ -4,7 +4,8 @@ For each named linear of the float model, two Hessians of its inputs are taken: 
 README's calibration windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``,
 ``--seed``) and one from ``--test-windows`` windows of the wikitext-2 test text. The layer is
 quantized with PB-LLM on the calibration Hessian, with one GPTQ pass and with the scale search,
-and its Hessian-weighted error ``tr(E H Eᵀ) / tr(W H Wᵀ)`` is reported under both Hessians.
+and its Hessian-weighted error (``metrics.hessian_weighted_error``), relative to ``tr(W H Wᵀ)``,
+is reported under both Hessians.
 
     python eval/heldout_layer_error.py --salient-frac 0.1 --seed 1 --inputs-from runs/r17/pb10-ss6-s1 \\
         --layer model.layers.7.self_attn.v_proj --layer model.layers.7.self_attn.q_proj [--json FILE]
@@ -19,6 +20,8 @@ import json
 
 import torch
 
+from llmbin.algorithms.hessian import accumulate_hessian
+from llmbin.algorithms.metrics import hessian_weighted_error
 from llmbin.algorithms.pbllm import pbllm_quantize
 from llmbin.checkpoint import load
 from llmbin.config import PBLLMConfig
@@ -31,12 +34,12 @@ from llmbin.registry import make_config
 @torch.no_grad()
 def input_hessians(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """``2 XᵀX / tokens`` of each named linear's inputs over ``windows``, as the driver accumulates it."""
-    sums: dict[str, torch.Tensor] = {}
+    state = {n: (torch.zeros(model.get_submodule(n).in_features, model.get_submodule(n).in_features,
+                             dtype=torch.float64), 0) for n in names}
 
     def hook(name):
         def record(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
+            state[name] = accumulate_hessian(*state[name], args[0])
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
@@ -46,12 +49,11 @@ def input_hessians(model, names: list[str], windows: torch.Tensor) -> dict[str, 
     finally:
         for h in handles:
             h.remove()
-    return {n: (2 * sums[n] / windows.numel()).float() for n in names}
+    return {n: H.float() for n, (H, _) in state.items()}
 
 
 def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    E, H = (W - Q).double(), H.double()
-    return float(torch.einsum("ij,jk,ik->", E, H, E) / torch.einsum("ij,jk,ik->", W.double(), H, W.double()))
+    return hessian_weighted_error(W, Q, H) / hessian_weighted_error(W, torch.zeros_like(W), H)
 
 
 def main() -> None:
