@@ -4,7 +4,7 @@ For each named linear of the float model, two Hessians of its inputs are taken: 
 README's calibration windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``,
 ``--seed``) and one from ``--test-windows`` windows of the wikitext-2 test text. The layer is
 quantized with PB-LLM on the calibration Hessian, with one GPTQ pass and with the scale search,
-and its Hessian-weighted error (``metrics.hessian_weighted_error``), relative to ``tr(W H Wᵀ)``,
+(both left to right: ``order_search`` off, so the search is measured alone), and its Hessian-weighted error (``metrics.hessian_weighted_error``), relative to ``tr(W H Wᵀ)``,
 is reported under both Hessians.
 
     python eval/heldout_layer_error.py --salient-frac 0.1 --seed 1 --inputs-from runs/r17/pb10-ss6-s1 \\
@@ -81,7 +81,7 @@ def main() -> None:
     for name in args.layer:
         W, H = weights[name], hessians["calibration"][name]
         for passes in (0, PBLLMConfig.scale_search):
-            config = make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes)
+            config = make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes, order_search=False)
             Q = pbllm_quantize(W, H, config).dense()
             rows.append({"layer": name, "scale_search": passes,
                          **{key: relative_error(W, Q, hessians[key][name]) for key in sets}})

@@ -40,6 +40,7 @@ def this_machine() -> str:
 
 
 OLD_PBLLM = " (no α search)"
+NO_ORDER_SEARCH = " (no order search)"
 
 
 def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
@@ -48,6 +49,8 @@ def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
     family = config["method"]
     if family == "pb-llm" and config.get("scale_search", 0) <= 1:
         recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
+    elif family == "pb-llm" and not config.get("order_search", False):
+        recipe, family = recipe + NO_ORDER_SEARCH, family + NO_ORDER_SEARCH  # before the order search became the default
     rotate = config.get("rotate", "none")
     return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": family,
             "rotate": rotate, "seed": quant["calibration"].get("seed"), "nsamples": quant["calibration"].get("nsamples"),

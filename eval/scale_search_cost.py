@@ -1,5 +1,6 @@
-"""What PB-LLM's scale search costs per layer: one random-weight linear of a real model's shape,
-quantized with ``scale_search`` 0 (one GPTQ pass) and with the default (six), same Hessian.
+"""What PB-LLM's searches cost per layer: one random-weight linear of a real model's shape, quantized
+with ``scale_search`` 0 (one GPTQ pass), with six passes left to right, and with the default (six
+passes in each of two column orders, ``order_search``), same Hessian.
 
     python eval/scale_search_cost.py [--shape 4096x4096] [--salient-frac 0.1] [--threads 1] [--json FILE]
 
@@ -33,14 +34,14 @@ def main() -> None:
     H = 2 * X.T @ X / X.shape[0]
     W = torch.randn(N, K, generator=g) * 0.02
     rows = []
-    for passes in (0, PBLLMConfig.scale_search):
+    for passes, orders in ((0, False), (PBLLMConfig.scale_search, False), (PBLLMConfig.scale_search, PBLLMConfig.order_search)):
         start = time.perf_counter()
-        pbllm_quantize(W, H, make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes))
-        rows.append({"shape": args.shape, "salient_frac": args.salient_frac, "scale_search": passes,
+        pbllm_quantize(W, H, make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes, order_search=orders))
+        rows.append({"shape": args.shape, "salient_frac": args.salient_frac, "scale_search": passes, "order_search": orders,
                      "threads": args.threads, "seconds": round(time.perf_counter() - start, 2)})
-    print("| shape | salient | scale_search | seconds |\n|---|---|---|---|")
+    print("| shape | salient | scale_search | order_search | seconds |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['salient_frac']:.0%} | {r['scale_search']} | {r['seconds']} |")
+        print(f"| {r['shape']} | {r['salient_frac']:.0%} | {r['scale_search']} | {r['order_search']} | {r['seconds']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

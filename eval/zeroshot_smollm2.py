@@ -80,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     if not Path(args.checkpoint).is_dir():
         sys.exit(f"no checkpoint at {args.checkpoint}; create it with: llmbin quantize --model {args.model} "
-                 f"--recipe recipes/pb-llm-10.yaml --scale-search 0 --calib-data ../shared/data/wikitext/wikitext-2-v1/"
+                 f"--recipe recipes/pb-llm-10.yaml --scale-search 0 --no-order-search --calib-data ../shared/data/wikitext/wikitext-2-v1/"
                  f"validation-00000-of-00001.parquet --nsamples 32 --seqlen 2048 --seed 0 --out {args.checkpoint}")
     began = time.monotonic()
     results, cache = Path(args.results_dir), Path(args.cache_dir)

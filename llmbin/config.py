@@ -45,6 +45,7 @@ class PBLLMConfig(QuantConfig):
     salient_bits: int = 8
     refit_scales: bool = True  # re-solve (μ, α) per row for least Hessian-weighted error after GPTQ
     scale_search: int = 6  # GPTQ passes with α scaled by 0.5…1; each row keeps its best (0 or 1: one pass, α as fitted)
+    order_search: bool = True  # reconstruct again in activation order (GPTQ's desc_act); the layer keeps the better
 
     def validate(self) -> None:
         super().validate()

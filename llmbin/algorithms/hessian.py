@@ -47,6 +47,22 @@ def prepared_inverse(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple
     return W, inverse_cholesky(H, percdamp)
 
 
+def act_order(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's activation order: input columns by decreasing ``H_jj``, so the columns whose error
+    costs most are quantized first, while the most later columns remain to absorb their error.
+    Stable, so equal diagonals keep their order and the permutation is reproducible."""
+    return torch.argsort(torch.diag(H), descending=True, stable=True)
+
+
+def permute_hessian(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``H[perm][:, perm]`` as one new ``K × K`` matrix: the columns are permuted in place in row
+    chunks, so no second full copy exists (a 70B down_proj's ``H`` is 3.3 GB)."""
+    out = H.index_select(0, perm)
+    for start in range(0, out.shape[0], 1024):
+        out[start:start + 1024] = out[start:start + 1024].index_select(1, perm)
+    return out
+
+
 def inverse_cholesky(H: torch.Tensor, percdamp: float | None = None) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), as the GPTQ loop consumes it; with
     ``percdamp``, of :func:`damped_hessian`'s copy of ``H``, which lives only until it is factored."""

@@ -5,13 +5,15 @@ the rest is binarized to ``μ ± α`` per row; all of it goes through the one GP
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import PBLLMConfig
 from ..registry import register_method
 from ..packing.packed_weight import STORAGE_DTYPE, PackedWeight, stored_float
 from .gptq import gptq_reconstruct_scored
-from .hessian import damped_hessian, prepared_inverse
+from .hessian import act_order, damped_hessian, permute_hessian, prepared_inverse
 from .levels import refine_fit
 from .refit import refit_scales
 
@@ -47,10 +49,25 @@ def scale_shrinks(candidates: int) -> list[float]:
     return [0.5 + 0.5 * i / (candidates - 1) for i in range(candidates)]
 
 
-@register_method(PBLLMConfig)
-def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> PackedWeight:
-    H = H.float()
-    W, U = prepared_inverse(W.float(), H, config.percdamp)
+@dataclass
+class _Reconstruction:
+    """One column order's result, in the caller's column order: the quantized ``Q``, the salient
+    ``mask`` and its per-row ``sigma``, the binarized ``mu ± alpha``, and the total error left."""
+    W: torch.Tensor
+    Q: torch.Tensor
+    mask: torch.Tensor
+    sigma: torch.Tensor
+    mu: torch.Tensor
+    alpha: torch.Tensor
+    error: float
+
+
+def _reconstruct(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig, perm: torch.Tensor | None) -> _Reconstruction:
+    """Mask, fit and GPTQ with the columns taken in ``perm``'s order (left to right if None)."""
+    if perm is None:
+        W, U = prepared_inverse(W, H, config.percdamp)
+    else:
+        W, U = prepared_inverse(W[:, perm], permute_hessian(H, perm), config.percdamp)
     mask = salient_mask(W, U, config.salient_frac, config.salient_metric)
     qmax = 2 ** (config.salient_bits - 1) - 1
     sigma = symmetric_scale(W, mask, config.salient_bits)
@@ -82,12 +99,31 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         better = error_try < error
         Q[better], error[better], chosen[better] = Q_try[better], error_try[better], scaled[better]
         del Q_try
-    alpha = chosen
     del U
-    ints = torch.round(Q / sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
-    bits = torch.where(mask, ints > 0, Q > mu[:, None]).unsqueeze(0)  # salient: the value's sign; else the level taken
-    packed = PackedWeight.from_codes(bits, alpha[None, :, None], mu[None, :, None], W.shape[1], salient_mask=mask,
-                                     salient_mag=ints.abs(), salient_scale=sigma, salient_bits=config.salient_bits)
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        W, Q, mask = W[:, inverse], Q[:, inverse], mask[:, inverse]
+    return _Reconstruction(W, Q, mask, sigma, mu, chosen, error.sum().item())
+
+
+@register_method(PBLLMConfig)
+def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> PackedWeight:
+    H, W = H.float(), W.float()
+    best = _reconstruct(W, H, config, None)
+    if config.order_search:
+        # GPTQ's activation order (desc_act) changes the mask (its OBS cost depends on the order)
+        # and every column's feedback; which order wins varies layer by layer. Per-row scales make
+        # the order invisible to the format. The choice is per layer, not per row: rows choosing
+        # their order would also choose their salient count, and drift above the asked fraction.
+        other = _reconstruct(W, H, config, act_order(H))
+        if other.error < best.error:
+            best = other
+        del other
+    r = best
+    ints = torch.round(r.Q / r.sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
+    bits = torch.where(r.mask, ints > 0, r.Q > r.mu[:, None]).unsqueeze(0)  # salient: the value's sign; else the level taken
+    packed = PackedWeight.from_codes(bits, r.alpha[None, :, None], r.mu[None, :, None], W.shape[1], salient_mask=r.mask,
+                                     salient_mag=ints.abs(), salient_scale=r.sigma, salient_bits=config.salient_bits)
     if config.refit_scales and config.salient_frac < 1:
-        packed = refit_scales(packed, W, damped_hessian(H, config.percdamp))
+        packed = refit_scales(packed, r.W, damped_hessian(H, config.percdamp))
     return packed

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmbin.algorithms.hessian import accumulate_hessian, inverse_cholesky, prepare_hessian
+from llmbin.algorithms.hessian import accumulate_hessian, act_order, inverse_cholesky, permute_hessian, prepare_hessian
 from llmbin.errors import LlmbinError
 
 
@@ -34,3 +34,15 @@ def test_inverse_cholesky_factorises_the_inverse(layer_problem):
 def test_indefinite_hessian_gets_a_clear_error():
     with pytest.raises(LlmbinError, match="percdamp"):
         inverse_cholesky(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
+
+
+def test_act_order_sorts_inputs_by_decreasing_diagonal():
+    H = torch.diag(torch.tensor([1.0, 3.0, 2.0, 3.0, 0.0]))
+    assert act_order(H).tolist() == [1, 3, 2, 0, 4]  # stable: equal diagonals keep their order
+
+
+def test_permute_hessian_equals_indexing_across_row_chunks():
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(1100, 1100, generator=g)  # more rows than one in-place chunk
+    perm = torch.randperm(1100, generator=g)
+    assert torch.equal(permute_hessian(H, perm), H[perm][:, perm])

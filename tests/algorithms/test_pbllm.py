@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmbin.algorithms.gptq import gptq_reconstruct
-from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
+from llmbin.algorithms.hessian import act_order, inverse_cholesky, permute_hessian, prepare_hessian
 from llmbin.algorithms.levels import compose, nearest_signs, refine_fit
 from llmbin.algorithms.metrics import hessian_weighted_error
 from llmbin.algorithms.pbllm import pbllm_quantize, salient_mask
@@ -20,7 +20,7 @@ def _gptq_int8_error(W, H):
 
 def test_all_salient_matches_8bit_gptq(layer_problem):
     W, H = layer_problem
-    packed = pbllm_quantize(W, H, PBLLMConfig(salient_frac=1.0))
+    packed = pbllm_quantize(W, H, PBLLMConfig(salient_frac=1.0, order_search=False))  # GPTQ's left-to-right order
     assert hessian_weighted_error(W, packed.decode(), H) == pytest.approx(_gptq_int8_error(W, H), rel=1e-4)
 
 
@@ -55,10 +55,28 @@ def test_scale_search_keeps_each_rows_best_pass(layer_problem, frac):
     def row_errors(config):
         E = W2.double() - pbllm_quantize(W, H, config).decode().double()
         return ((E @ H2.double()) * E).sum(dim=1)
-    plain = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=0))
-    searched = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=6))
+    plain = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=0, order_search=False))
+    searched = row_errors(PBLLMConfig(salient_frac=frac, refit_scales=False, scale_search=6, order_search=False))
     assert (searched <= plain * (1 + 1e-6)).all()
     assert searched.sum() < 0.99 * plain.sum()
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5])
+def test_order_search_keeps_the_order_with_less_error(layer_problem, frac):
+    # the result is exactly one of the two single-order reconstructions (activation order done by
+    # hand: permute, quantize, un-permute), the one with less error; the salient count is unchanged.
+    # These inputs grow in scale left to right, so activation order (reversed) is the better one.
+    W, H = layer_problem
+    _, Hd = prepare_hessian(W, H, 0.01)
+    config = PBLLMConfig(salient_frac=frac, refit_scales=False, order_search=False)
+    natural = pbllm_quantize(W, H, config).decode()
+    perm = act_order(H)
+    by_hand = pbllm_quantize(W[:, perm], permute_hessian(H, perm), config).decode()[:, torch.argsort(perm)]
+    searched = pbllm_quantize(W, H, PBLLMConfig(salient_frac=frac, refit_scales=False, order_search=True))
+    errors = [hessian_weighted_error(W, Q, Hd) for Q in (natural, by_hand)]
+    assert torch.equal(searched.decode(), by_hand)
+    assert errors[1] < errors[0]
+    assert searched.salient.count == round(frac * W.numel())
 
 
 @pytest.mark.parametrize("metric", ["hessian", "magnitude"])
