@@ -52,30 +52,41 @@ def input_hessians(model, names: list[str], windows: torch.Tensor) -> dict[str, 
     return {n: H.float() for n, (H, _) in state.items()}
 
 
-def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    return hessian_weighted_error(W, Q, H) / hessian_weighted_error(W, torch.zeros_like(W), H)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_layer_arguments(p: argparse.ArgumentParser, salient_frac: float) -> None:
+    """The options every layer-error probe here shares: which layers, which PB-LLM fraction, and
+    the calibration and held-out windows."""
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--inputs-from", help="packed checkpoint whose blocks produce the layers' inputs")
     p.add_argument("--layer", action="append", required=True)
-    p.add_argument("--salient-frac", type=float, default=0.1)
+    p.add_argument("--salient-frac", type=float, default=salient_frac)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
+
+
+def window_sets(tokenizer, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The README's calibration windows and ``--test-windows`` held-out windows of the test text."""
+    return {"calibration": calibration_windows(tokenizer, str(local_file("wikitext2", "calibration")),
+                                               args.nsamples, args.seqlen, args.seed),
+            "held out": calibration_windows(tokenizer, str(local_file("wikitext2", "test")), args.test_windows, args.seqlen, 0)}
+
+
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    return hessian_weighted_error(W, Q, H) / hessian_weighted_error(W, torch.zeros_like(W), H)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_arguments(p, salient_frac=0.1)
+    p.add_argument("--inputs-from", help="packed checkpoint whose blocks produce the layers' inputs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     weights = {n: model.get_submodule(n).weight.detach().float().clone() for n in args.layer}
     source = load(args.inputs_from) if args.inputs_from else model
-    sets = {"calibration": calibration_windows(tokenizer, str(local_file("wikitext2", "calibration")),
-                                               args.nsamples, args.seqlen, args.seed),
-            "held out": calibration_windows(tokenizer, str(local_file("wikitext2", "test")), args.test_windows, args.seqlen, 0)}
+    sets = window_sets(tokenizer, args)
     hessians = {key: input_hessians(source, args.layer, windows) for key, windows in sets.items()}
     rows = []
     for name in args.layer:
