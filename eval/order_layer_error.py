@@ -6,8 +6,9 @@ windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``, ``--see
 PB-LLM (the scale search on) left to right, and in GPTQ's activation order (columns by decreasing
 ``H_jj``, done by hand: permute, quantize, un-permute). Reported, relative to left to right:
 
-* activation order's error, and the order search's (``order_search``: the better of the two per
-  layer, by calibration error, which is what ``pbllm_quantize`` keeps);
+* activation order's error, and the order search's: the better of the two per layer by this
+  calibration error, after the scale refit (``pbllm_quantize`` ranks the orders by the error its
+  GPTQ passes leave, before the refit);
 * the per-row best of the two, and how far its salient count drifts from the asked fraction:
   the reason the search chooses per layer, not per row.
 

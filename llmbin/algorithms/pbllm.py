@@ -119,11 +119,10 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         if other.error < best.error:
             best = other
         del other
-    r = best
-    ints = torch.round(r.Q / r.sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
-    bits = torch.where(r.mask, ints > 0, r.Q > r.mu[:, None]).unsqueeze(0)  # salient: the value's sign; else the level taken
-    packed = PackedWeight.from_codes(bits, r.alpha[None, :, None], r.mu[None, :, None], W.shape[1], salient_mask=r.mask,
-                                     salient_mag=ints.abs(), salient_scale=r.sigma, salient_bits=config.salient_bits)
+    ints = torch.round(best.Q / best.sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
+    bits = torch.where(best.mask, ints > 0, best.Q > best.mu[:, None]).unsqueeze(0)  # salient: the value's sign; else the level taken
+    packed = PackedWeight.from_codes(bits, best.alpha[None, :, None], best.mu[None, :, None], W.shape[1], salient_mask=best.mask,
+                                     salient_mag=ints.abs(), salient_scale=best.sigma, salient_bits=config.salient_bits)
     if config.refit_scales and config.salient_frac < 1:
-        packed = refit_scales(packed, r.W, damped_hessian(H, config.percdamp))
+        packed = refit_scales(packed, best.W, damped_hessian(H, config.percdamp))
     return packed
