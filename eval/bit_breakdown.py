@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from llmbin.checkpoint import read_checkpoint
+from llmbin.checkpoint.io import read_checkpoint
 
 
 def breakdown(checkpoint: Path) -> dict:

@@ -1,7 +1,7 @@
 """Does PB-LLM's scale search fit the calibration text or the layer? Layer error on held-out text.
 
 For each named linear of the float model, two Hessians of its inputs are taken: one from the
-README's calibration windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``,
+documented calibration windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``,
 ``--seed``) and one from ``--test-windows`` windows of the wikitext-2 test text. The layer is
 quantized with PB-LLM on the calibration Hessian, with one GPTQ pass and with the scale search,
 (both left to right: ``order_search`` off, so the search is measured alone), and its Hessian-weighted error (``metrics.hessian_weighted_error``), relative to ``tr(W H Wᵀ)``,
@@ -21,14 +21,14 @@ import json
 import torch
 
 from llmbin.algorithms.hessian import accumulate_hessian
+from llmbin.algorithms.layer import quantize_layer
 from llmbin.algorithms.metrics import hessian_weighted_error
 from llmbin.algorithms.pbllm import pbllm_quantize
-from llmbin.checkpoint import load
-from llmbin.config import PBLLMConfig
+from llmbin.checkpoint.io import load
+from llmbin.config import PBLLMConfig, make_config
 from llmbin.data.calibration import calibration_windows
 from llmbin.data.paths import local_file
 from llmbin.models import load_model
-from llmbin.registry import make_config
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def add_layer_arguments(p: argparse.ArgumentParser, salient_frac: float) -> None
 
 
 def window_sets(tokenizer, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """The README's calibration windows and ``--test-windows`` held-out windows of the test text."""
+    """The documented calibration windows and ``--test-windows`` held-out windows of the test text."""
     return {"calibration": calibration_windows(tokenizer, str(local_file("wikitext2", "calibration")),
                                                args.nsamples, args.seqlen, args.seed),
             "held out": calibration_windows(tokenizer, str(local_file("wikitext2", "test")), args.test_windows, args.seqlen, 0)}
@@ -93,7 +93,7 @@ def main() -> None:
         W, H = weights[name], hessians["calibration"][name]
         for passes in (0, PBLLMConfig.scale_search):
             config = make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes, order_search=False)
-            Q = pbllm_quantize(W, H, config).dense()
+            Q = quantize_layer(pbllm_quantize, W, H, config).dense()  # with the scale refit stage
             rows.append({"layer": name, "scale_search": passes,
                          **{key: relative_error(W, Q, hessians[key][name]) for key in sets}})
     print(f"PB-LLM {args.salient_frac:.0%}, inputs through {args.inputs_from or args.model}, calibration seed {args.seed}")

@@ -225,8 +225,8 @@ def main() -> None:
     if args.e2e_worker:
         print(json.dumps(e2e_worker(args.e2e_worker, args.checkpoint, args.new_tokens, args.check_tokens)))
         return
-    from llmbin.kernels import kernel_available
     from llmbin.kernels.cpu import extension
+    from llmbin.kernels.dispatch import kernel_available
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

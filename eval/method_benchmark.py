@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pareto_smollm2 import method_family
+
 from llmbin.data.paths import local_file
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -125,7 +127,7 @@ def main() -> None:
                 loaded = run_phase(out / f"{tag}{suffix}.eval.json",
                                    ["eval", str(ckpt), "--no-progress", "--dense-cache", *limit])
                 config = quant["config"]
-                family = config["method"] + (f" g{config['group_size']}" if config.get("group_size") else "")
+                family = method_family(config) + (f" g{config['group_size']}" if config.get("group_size") else "")
                 family += f" rotate={config['rotate']}" if config.get("rotate", "none") != "none" else ""
         except subprocess.CalledProcessError as exc:
             print(f"{tag}: failed ({exc}); continuing with the next recipe", flush=True)

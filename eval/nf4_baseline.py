@@ -25,7 +25,8 @@ def to_nf4(model: torch.nn.Module) -> tuple[int, int]:
     """Replace the decoder blocks' linear layers in place; returns (weights, stored bits)."""
     import bitsandbytes as bnb
 
-    from llmbin.models import decoder_layers, linear_layers, set_submodule
+    from llmbin.models import decoder_layers, linear_layers
+    from llmbin.nn.tree import set_submodule
 
     weights = bits = 0
     for block in decoder_layers(model):
@@ -46,7 +47,7 @@ def to_nf4(model: torch.nn.Module) -> tuple[int, int]:
 
 def main() -> None:
     from llmbin.bits import directory_bytes
-    from llmbin.cli import _perplexity
+    from llmbin.evaluate.perplexity import dataset_perplexity
     from llmbin.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +82,7 @@ def main() -> None:
         report["disk_bytes"] = directory_bytes(out)
     if args.eval:
         start = time.perf_counter()
-        ppl = _perplexity(model, tokenizer, "wikitext2", None, 2048, args.max_windows, True)
+        ppl = dataset_perplexity(model, tokenizer, "wikitext2", max_windows=args.max_windows)
         report.update(ppl={"wikitext2": ppl}, eval_seconds=time.perf_counter() - start, max_windows=args.max_windows)
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,13 +1,13 @@
 """Which column order should PB-LLM's GPTQ take? Layer error left to right and in activation order.
 
-For each named linear of the float model, the inputs' Hessian is taken on the README's calibration
+For each named linear of the float model, the inputs' Hessian is taken on the documented calibration
 windows (``--nsamples`` × ``--seqlen`` of ``wikitext-2-v1/validation``, ``--seed``) and on
 ``--test-windows`` windows of the wikitext-2 test text (held out). The layer is quantized with
 PB-LLM (the scale search on) left to right, and in GPTQ's activation order (columns by decreasing
 ``H_jj``, done by hand: permute, quantize, un-permute). Reported, relative to left to right:
 
 * activation order's error, and the order search's: the better of the two per layer by this
-  calibration error, after the scale refit (``pbllm_quantize`` ranks the orders by the error its
+  calibration error, after the scale refit stage (``pbllm_quantize`` ranks the orders by the error its
   GPTQ passes leave, before the refit);
 * the per-row best of the two, and how far its salient count drifts from the asked fraction:
   the reason the search chooses per layer, not per row.
@@ -20,13 +20,14 @@ import argparse
 import json
 
 import torch
-
 from heldout_layer_error import add_layer_arguments, input_hessians, window_sets
+
 from llmbin.algorithms.hessian import act_order, permute_hessian
+from llmbin.algorithms.layer import quantize_layer
 from llmbin.algorithms.pbllm import pbllm_quantize
+from llmbin.config import make_config
 from llmbin.models import load_model
 from llmbin.packing.positions import decode_positions
-from llmbin.registry import make_config
 
 
 def row_errors(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,9 @@ def main() -> None:
     rows = []
     for name in args.layer:
         W, H = model.get_submodule(name).weight.detach().float().clone(), hessians["calibration"][name]
-        natural = pbllm_quantize(W, H, config)
+        natural = quantize_layer(pbllm_quantize, W, H, config)  # with the scale refit stage, as the driver runs it
         perm = act_order(H)
-        by_order = pbllm_quantize(W[:, perm], permute_hessian(H, perm), config)
+        by_order = quantize_layer(pbllm_quantize, W[:, perm], permute_hessian(H, perm), config)
         Qs = [natural.decode(), by_order.decode()[:, torch.argsort(perm)]]
         errors = {key: [row_errors(W, Q, hessians[key][name]) for Q in Qs] for key in sets}
         pick = errors["calibration"][1] < errors["calibration"][0]

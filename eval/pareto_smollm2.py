@@ -10,7 +10,7 @@ Collects finished runs and merges them into a record of rows (``--record``, comm
   (``eval/gguf_bits.py``), perplexity from ``llmbin eval --model FILE.gguf --json``.
 
 A row is keyed by its setting, calibration seed and machine (with its thread count: checkpoints differ
-between CPUs and thread counts, README "What is reproducible"); a newer measurement of the same key
+between CPUs and thread counts, docs/reproducibility.md); a newer measurement of the same key
 replaces the old one. Settings run with several seeds get
 their median and range. The table marks the Pareto front (no other setting has fewer or equal
 bits and a lower perplexity).
@@ -40,13 +40,20 @@ def this_machine() -> str:
 
 
 OLD_PBLLM = " (no α search)"
+
+
+def method_family(config: dict) -> str:
+    """The method a run's recorded config is: ARB-X is BiLLM with alternating refinement (its recipe
+    sets ``refine_iters``), and older records still name it ``arb-x``."""
+    method = config["method"]
+    return "arb-x" if method == "billm" and config.get("refine_iters", 0) > 0 else method
 NO_ORDER_SEARCH = " (no order search)"
 
 
 def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
     config = quant["config"]
     recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated").removesuffix("-ss6").removesuffix("-ss0")
-    family = config["method"]
+    family = method_family(config)
     if family == "pb-llm" and config.get("scale_search", 0) <= 1:
         recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
     elif family == "pb-llm" and not config.get("order_search", False):

@@ -5,7 +5,8 @@ passes in each of two column orders, ``order_search``), same Hessian.
     python eval/scale_search_cost.py [--shape 4096x4096] [--salient-frac 0.1] [--threads 1] [--json FILE]
 
 The Hessian comes from random inputs with unevenly scaled features, as real layers have. Times
-are wall-clock seconds of ``pbllm_quantize`` (mask, fits, GPTQ passes and the scale refit).
+are wall-clock seconds of ``pbllm_quantize`` and the scale refit stage after it (mask, fits, GPTQ
+passes and the refit), as the driver runs a layer.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import time
 
 import torch
 
+from llmbin.algorithms.layer import quantize_layer
 from llmbin.algorithms.pbllm import pbllm_quantize
-from llmbin.config import PBLLMConfig
-from llmbin.registry import make_config
+from llmbin.config import PBLLMConfig, make_config
 
 
 def main() -> None:
@@ -36,7 +37,8 @@ def main() -> None:
     rows = []
     for passes, orders in ((0, False), (PBLLMConfig.scale_search, False), (PBLLMConfig.scale_search, PBLLMConfig.order_search)):
         start = time.perf_counter()
-        pbllm_quantize(W, H, make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes, order_search=orders))
+        config = make_config("pb-llm", salient_frac=args.salient_frac, scale_search=passes, order_search=orders)
+        quantize_layer(pbllm_quantize, W, H, config)
         rows.append({"shape": args.shape, "salient_frac": args.salient_frac, "scale_search": passes, "order_search": orders,
                      "threads": args.threads, "seconds": round(time.perf_counter() - start, 2)})
     print("| shape | salient | scale_search | order_search | seconds |\n|---|---|---|---|---|")

@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from llmbin.checkpoint import load, load_tokenizer
+from llmbin.checkpoint.io import load, load_tokenizer
 from llmbin.data.text import resolve_text
 from llmbin.evaluate.perplexity import perplexity
 from llmbin.nn.binary_linear import BinaryLinear

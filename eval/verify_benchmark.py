@@ -23,7 +23,7 @@ LOAD = ("import sys, time, torch, llmbin; t = time.perf_counter(); "
 
 def with_digests(checkpoint: Path, scratch: Path) -> Path:
     import llmbin
-    from llmbin.digests import file_header_json
+    from llmbin.checkpoint.digests import file_header_json
 
     files = sorted(checkpoint.glob("*.safetensors"))
     if all("digests" in (file_header_json(f)[0].get("__metadata__") or {}) for f in files):
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
 
-    from llmbin.digests import file_digests
+    from llmbin.checkpoint.digests import file_digests
 
     with tempfile.TemporaryDirectory() as scratch:
         ckpt = with_digests(Path(args.checkpoint), Path(scratch))

@@ -1,7 +1,7 @@
 """Benchmark: zero-shot accuracy of SmolLM2-135M-Instruct, float and its PB-LLM checkpoint, on
 PIQA, ARC-Easy, ARC-Challenge, WinoGrande and HellaSwag (full sets) through lm-eval.
 
-Each task is scored in shards of ``--shard-docs`` documents (``llmbin.evaluate.shards``); every
+Each task is scored in shards of ``--shard-docs`` documents (``eval/zeroshot_shards.py``); every
 finished shard is saved as RESULTS_DIR/MODEL/TASK-START-END.json (lm-eval's per-document metrics)
 and skipped when the script runs again, so the run, hours on a CPU, can be split over sessions and
 machines. The shards are merged with lm-eval's own aggregation into RESULTS_DIR/zeroshot.{json,md}
@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmbin.evaluate import shards
+import zeroshot_shards as shards
+
 from llmbin.evaluate.zeroshot import DEFAULT_TASKS as TASKS
 
 
@@ -41,8 +42,9 @@ def load_models(args) -> dict:
 
 def markdown(merged: dict) -> str:
     names = list(merged)
+    tasks = list(merged[names[0]]["scored"])
     lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for task in TASKS:
+    for task in tasks:
         for metric in ("acc", "acc_norm"):
             if metric == "acc_norm" and task == "winogrande":
                 continue
@@ -56,7 +58,7 @@ def markdown(merged: dict) -> str:
                 cells.append(f"{100 * value:.1f}" + (f" ± {100 * err:.1f}" if err is not None else ""))
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     avg = [f"{100 * merged[n]['average']:.1f}" if merged[n]["average"] is not None else "–" for n in names]
-    lines.append("| average (5 tasks) | acc | " + " | ".join(avg) + " |")
+    lines.append(f"| average ({len(tasks)} tasks) | acc | " + " | ".join(avg) + " |")
     return "\n".join(lines) + "\n"
 
 

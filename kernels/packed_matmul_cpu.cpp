@@ -467,34 +467,95 @@ bool cpu_has(Isa isa) {
   return isa == SCALAR;
 }
 
-Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
-               const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K, int64_t group_size,
-               const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval, const at::Tensor& srow) {
-  TORCH_CHECK(planes.dtype() == at::kByte && planes.dim() == 3 && planes.is_contiguous(), "planes: contiguous uint8 (P, N, B)");
-  TORCH_CHECK(planes.size(2) % 8 == 0, "planes rows must be whole 64-bit words");
-  TORCH_CHECK(colw.dtype() == at::kFloat && colw.is_contiguous() && colw.size(1) == planes.size(2) * 8, "colw: float32 (V, Kpad)");
-  TORCH_CHECK(coef.dtype() == at::kFloat && coef.is_contiguous() && coef.size(1) == planes.size(1), "coef: float32 (NP, N, G)");
-  TORCH_CHECK(prod_var.dtype() == at::kInt && prod_mono.dtype() == at::kInt && prod_var.numel() == coef.size(0), "products");
-  TORCH_CHECK(planes.size(0) <= MAX_PLANES, "at most 16 planes");
+// ---------------------------------------------------------------- the plan's fields
+// Every entry point takes a KernelPlan (llmbin/kernels/plan.py) as two lists in its field order:
+// its tensors, then its integers (KernelPlan.op_args()). The names are listed here once, in the
+// same order; the module exports them (plan_fields) and cpu.extension() refuses a build whose
+// lists differ from KernelPlan's, so the two languages cannot drift apart.
+#define LLMBIN_PLAN_TENSORS(X) \
+  X(planes) X(tiles) X(colw) X(prod_var) X(prod_mono) X(coef) X(sal_rowptr) X(sal_col) X(sal_val) X(sal_row)
+#define LLMBIN_PLAN_INTS(X) X(out_features) X(in_features) X(group_size) X(n_bit_products)
+
+#define LLMBIN_TENSOR_MEMBER(name) const at::Tensor& name;
+#define LLMBIN_INT_MEMBER(name) int64_t name;
+#define LLMBIN_COUNT(name) +1
+#define LLMBIN_NAME(name) #name,
+struct PlanArgs {
+  LLMBIN_PLAN_TENSORS(LLMBIN_TENSOR_MEMBER)
+  LLMBIN_PLAN_INTS(LLMBIN_INT_MEMBER)
+};
+constexpr size_t kPlanTensors = 0 LLMBIN_PLAN_TENSORS(LLMBIN_COUNT), kPlanInts = 0 LLMBIN_PLAN_INTS(LLMBIN_COUNT);
+
+// A plan list as the entry points receive it: a Python tuple or list (KernelPlan.op_args() gives
+// tuples, the operator lists), read in place. Its items are borrowed: the caller's list keeps them
+// alive for the call, so the tensors are neither copied nor reference-counted. This runs per layer
+// per token, and copying them into a std::vector measured slower than the named arguments it replaced.
+struct PlanList {
+  PyObject* seq;
+  PlanList(const py::object& list, const char* what) : seq(list.ptr()) {
+    TORCH_CHECK(PyTuple_Check(seq) || PyList_Check(seq), what, " must be a tuple or list (KernelPlan.op_args())");
+  }
+  size_t size() const { return PySequence_Fast_GET_SIZE(seq); }
+  PyObject* operator[](size_t i) const { return PySequence_Fast_GET_ITEM(seq, i); }
+};
+using PlanTensors = py::object;
+using PlanInts = py::object;
+
+const at::Tensor& plan_tensor(const PlanList& tensors, size_t i) {
+  TORCH_CHECK(THPVariable_Check(tensors[i]), "plan tensor ", i, " is not a tensor");
+  return THPVariable_Unpack(tensors[i]);
+}
+
+// The two lists as named fields.
+PlanArgs plan_args(const PlanTensors& tensor_list, const PlanInts& int_list) {
+  const PlanList tensors(tensor_list, "the plan's tensors"), ints(int_list, "the plan's integers");
+  TORCH_CHECK(tensors.size() == kPlanTensors && ints.size() == kPlanInts, "a plan is ", kPlanTensors, " tensors and ",
+              kPlanInts, " integers (KernelPlan.op_args()), not ", tensors.size(), " and ", ints.size());
+  size_t t = 0, i = 0;  // a braced list is evaluated left to right
+#define LLMBIN_NEXT_TENSOR(name) plan_tensor(tensors, t++),
+#define LLMBIN_NEXT_INT(name) py::handle(ints[i++]).cast<int64_t>(),
+  return PlanArgs{LLMBIN_PLAN_TENSORS(LLMBIN_NEXT_TENSOR) LLMBIN_PLAN_INTS(LLMBIN_NEXT_INT)};
+}
+
+// The field names this build expects, (tensors, integers), for the check against KernelPlan.
+std::pair<std::vector<std::string>, std::vector<std::string>> plan_fields() {
+  return {{LLMBIN_PLAN_TENSORS(LLMBIN_NAME)}, {LLMBIN_PLAN_INTS(LLMBIN_NAME)}};
+}
+
+Plan make_plan(const PlanTensors& tensors, const PlanInts& ints) {
+  const PlanArgs a = plan_args(tensors, ints);
+  TORCH_CHECK(a.planes.dtype() == at::kByte && a.planes.dim() == 3 && a.planes.is_contiguous(),
+              "planes: contiguous uint8 (P, N, B)");
+  TORCH_CHECK(a.planes.size(2) % 8 == 0, "planes rows must be whole 64-bit words");
+  TORCH_CHECK(a.out_features == a.planes.size(1) && a.in_features >= 0 && a.in_features <= a.planes.size(2) * 8,
+              "out_features and in_features do not match the planes");
+  TORCH_CHECK(a.colw.dtype() == at::kFloat && a.colw.is_contiguous() && a.colw.size(1) == a.planes.size(2) * 8,
+              "colw: float32 (V, Kpad)");
+  TORCH_CHECK(a.coef.dtype() == at::kFloat && a.coef.is_contiguous() && a.coef.size(1) == a.planes.size(1),
+              "coef: float32 (NP, N, G)");
+  TORCH_CHECK(a.prod_var.dtype() == at::kInt && a.prod_mono.dtype() == at::kInt && a.prod_var.numel() == a.coef.size(0),
+              "products");
+  TORCH_CHECK(a.planes.size(0) <= MAX_PLANES, "at most 16 planes");
   Plan p;
-  p.P = planes.size(0); p.N = planes.size(1); p.W64 = planes.size(2) / 8; p.Kpad = p.W64 * 64; p.K = K;
-  p.V = colw.size(0); p.NP = coef.size(0); p.NB = n_bit; p.G = coef.size(2); p.gs = group_size;
-  TORCH_CHECK(p.G == (K + group_size - 1) / group_size, "coef groups do not match the group size");
-  p.word_groups = p.G == 1 || group_size % 64 == 0;
-  p.gwords = p.G == 1 ? p.W64 : group_size / 64;
-  p.planes = reinterpret_cast<const uint64_t*>(planes.data_ptr<uint8_t>());
+  p.P = a.planes.size(0); p.N = a.planes.size(1); p.W64 = a.planes.size(2) / 8; p.Kpad = p.W64 * 64;
+  p.K = a.in_features;
+  p.V = a.colw.size(0); p.NP = a.coef.size(0); p.NB = a.n_bit_products; p.G = a.coef.size(2); p.gs = a.group_size;
+  TORCH_CHECK(p.G == (p.K + p.gs - 1) / p.gs, "coef groups do not match the group size");
+  p.word_groups = p.G == 1 || p.gs % 64 == 0;
+  p.gwords = p.G == 1 ? p.W64 : p.gs / 64;
+  p.planes = reinterpret_cast<const uint64_t*>(a.planes.data_ptr<uint8_t>());
   p.NT = (p.N + 15) / 16;
   p.tiles = nullptr;
-  if (tiles.numel()) {
-    TORCH_CHECK(tiles.dtype() == at::kByte && tiles.is_contiguous() && tiles.dim() == 4 && tiles.size(0) == p.P &&
-                tiles.size(1) == p.NT && tiles.size(2) == p.W64 && tiles.size(3) == 128,
+  if (a.tiles.numel()) {
+    TORCH_CHECK(a.tiles.dtype() == at::kByte && a.tiles.is_contiguous() && a.tiles.dim() == 4 &&
+                a.tiles.size(0) == p.P && a.tiles.size(1) == p.NT && a.tiles.size(2) == p.W64 && a.tiles.size(3) == 128,
                 "tiles: contiguous uint8 (P, ceil(N / 16), words, 128)");
-    p.tiles = tiles.data_ptr<uint8_t>();
+    p.tiles = a.tiles.data_ptr<uint8_t>();
   }
-  p.colw = colw.data_ptr<float>();
-  p.coef = coef.data_ptr<float>();
-  p.var.assign(prod_var.data_ptr<int32_t>(), prod_var.data_ptr<int32_t>() + p.NP);
-  p.mono.assign(prod_mono.data_ptr<int32_t>(), prod_mono.data_ptr<int32_t>() + p.NP);
+  p.colw = a.colw.data_ptr<float>();
+  p.coef = a.coef.data_ptr<float>();
+  p.var.assign(a.prod_var.data_ptr<int32_t>(), a.prod_var.data_ptr<int32_t>() + p.NP);
+  p.mono.assign(a.prod_mono.data_ptr<int32_t>(), a.prod_mono.data_ptr<int32_t>() + p.NP);
   for (int64_t k = 0; k < std::min<int64_t>(p.NB, MAX_FAST_PRODUCTS); ++k) {
     p.nplanes[k] = 0;
     for (int q = 0; q < p.P; ++q)
@@ -506,51 +567,57 @@ Plan make_plan(const at::Tensor& planes, const at::Tensor& tiles, const at::Tens
   p.srow = nullptr;
   p.sstream = nullptr;
   p.smag = nullptr;
-  if (rowptr.dim() == 2) {  // stream form: scol is the nibble stream, sval the magnitude planes
-    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.is_contiguous() && rowptr.size(0) == p.N && rowptr.size(1) == 3,
+  if (a.sal_rowptr.dim() == 2) {  // stream form: sal_col is the nibble stream, sal_val the magnitude planes
+    TORCH_CHECK(a.sal_rowptr.dtype() == at::kLong && a.sal_rowptr.is_contiguous() && a.sal_rowptr.size(0) == p.N &&
+                a.sal_rowptr.size(1) == 3,
                 "sal_rowptr: int64 (N, 3) row index in the stream form");
-    TORCH_CHECK(scol.dtype() == at::kByte && scol.dim() == 1 && scol.is_contiguous(), "sal_col: uint8 nibble stream");
-    TORCH_CHECK(sval.dtype() == at::kByte && sval.dim() == 2 && sval.is_contiguous() && sval.size(0) <= 8,
+    TORCH_CHECK(a.sal_col.dtype() == at::kByte && a.sal_col.dim() == 1 && a.sal_col.is_contiguous(),
+                "sal_col: uint8 nibble stream");
+    TORCH_CHECK(a.sal_val.dtype() == at::kByte && a.sal_val.dim() == 2 && a.sal_val.is_contiguous() &&
+                a.sal_val.size(0) <= 8,
                 "sal_val: uint8 magnitude planes (bits, bytes)");
-    TORCH_CHECK(srow.dtype() == at::kFloat && srow.is_contiguous() && srow.dim() == 2 && srow.size(0) == p.N &&
-                srow.size(1) == 4, "sal_row: contiguous float32 (N, 4)");
+    TORCH_CHECK(a.sal_row.dtype() == at::kFloat && a.sal_row.is_contiguous() && a.sal_row.dim() == 2 &&
+                a.sal_row.size(0) == p.N && a.sal_row.size(1) == 4, "sal_row: contiguous float32 (N, 4)");
     TORCH_CHECK(p.P >= 1 && p.K <= p.Kpad, "the stream form needs plane 0");
-    p.rowptr = rowptr.data_ptr<int64_t>();
-    p.sstream = scol.data_ptr<uint8_t>();
-    p.ncodes = 2 * scol.numel();
-    p.smag = sval.data_ptr<uint8_t>();
-    p.mbits = sval.size(0);
-    p.mbytes = sval.size(1);
-    p.srow = srow.data_ptr<float>();
+    p.rowptr = a.sal_rowptr.data_ptr<int64_t>();
+    p.sstream = a.sal_col.data_ptr<uint8_t>();
+    p.ncodes = 2 * a.sal_col.numel();
+    p.smag = a.sal_val.data_ptr<uint8_t>();
+    p.mbits = a.sal_val.size(0);
+    p.mbytes = a.sal_val.size(1);
+    p.srow = a.sal_row.data_ptr<float>();
     // The index is trusted like the list columns below, but must stay inside the streams.
     for (int64_t r = 0; r < p.N; ++r)
       TORCH_CHECK(p.rowptr[3 * r] >= 0 && p.rowptr[3 * r] <= p.ncodes && p.rowptr[3 * r + 2] >= 0 &&
                   p.rowptr[3 * r + 2] <= p.mbytes * 8, "sal_rowptr points outside the salient streams");
     p.salient_sum = salient_sum_stream;
     p.salient_write = salient_write_stream;
-  } else if (rowptr.numel()) {
-    const bool codes = srow.numel() > 0, c16 = scol.dtype() == at::kShort;
+  } else if (a.sal_rowptr.numel()) {
+    const bool codes = a.sal_row.numel() > 0, c16 = a.sal_col.dtype() == at::kShort;
     const int64_t lists = codes ? 2 * p.N : p.N;
-    TORCH_CHECK(rowptr.dtype() == at::kLong && rowptr.is_contiguous() && rowptr.numel() == lists + 1,
+    TORCH_CHECK(a.sal_rowptr.dtype() == at::kLong && a.sal_rowptr.is_contiguous() &&
+                a.sal_rowptr.numel() == lists + 1,
                 codes ? "sal_rowptr: int64 (2N + 1) with codes" : "sal_rowptr: int64 (N + 1)");
-    TORCH_CHECK((c16 || scol.dtype() == at::kInt) && scol.is_contiguous(), "sal_col: contiguous int16 or int32");
-    TORCH_CHECK(sval.is_contiguous() && sval.dtype() == (codes ? at::kByte : at::kFloat),
+    TORCH_CHECK((c16 || a.sal_col.dtype() == at::kInt) && a.sal_col.is_contiguous(),
+                "sal_col: contiguous int16 or int32");
+    TORCH_CHECK(a.sal_val.is_contiguous() && a.sal_val.dtype() == (codes ? at::kByte : at::kFloat),
                 codes ? "sal_val: uint8 magnitudes with sal_row" : "sal_val: float32 deltas");
-    TORCH_CHECK(!codes || (srow.dtype() == at::kFloat && srow.is_contiguous() && srow.dim() == 2 && srow.size(0) == p.N &&
-                           srow.size(1) == 4), "sal_row: contiguous float32 (N, 4)");
+    TORCH_CHECK(!codes || (a.sal_row.dtype() == at::kFloat && a.sal_row.is_contiguous() && a.sal_row.dim() == 2 &&
+                           a.sal_row.size(0) == p.N && a.sal_row.size(1) == 4),
+                "sal_row: contiguous float32 (N, 4)");
     // Columns are trusted (build_plan takes them from validated positions): a per-call scan
     // would cost as much as the product itself.
-    p.rowptr = rowptr.data_ptr<int64_t>();
-    TORCH_CHECK(p.rowptr[0] == 0 && scol.numel() == p.rowptr[lists] && sval.numel() == p.rowptr[lists],
+    p.rowptr = a.sal_rowptr.data_ptr<int64_t>();
+    TORCH_CHECK(p.rowptr[0] == 0 && a.sal_col.numel() == p.rowptr[lists] && a.sal_val.numel() == p.rowptr[lists],
                 "salient lists do not match sal_rowptr");
-    p.scol = scol.data_ptr();
+    p.scol = a.sal_col.data_ptr();
     if (codes) {
-      p.scode = sval.data_ptr<uint8_t>();
-      p.srow = srow.data_ptr<float>();
+      p.scode = a.sal_val.data_ptr<uint8_t>();
+      p.srow = a.sal_row.data_ptr<float>();
       p.salient_sum = c16 ? salient_sum_codes<int16_t> : salient_sum_codes<int32_t>;
       p.salient_write = c16 ? salient_write_codes<int16_t> : salient_write_codes<int32_t>;
     } else {
-      p.sval = sval.data_ptr<float>();
+      p.sval = a.sal_val.data_ptr<float>();
       p.salient_sum = c16 ? salient_sum<int16_t> : salient_sum<int32_t>;
       p.salient_write = c16 ? salient_write<int16_t> : salient_write<int32_t>;
     }
@@ -639,12 +706,10 @@ void run(const Plan& p, const float* xp, int64_t B, int64_t isa, float* op) {
   });
 }
 
-void packed_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
-                   const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
-                   int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
-                   const at::Tensor& sval, const at::Tensor& srow, int64_t isa, at::Tensor& out) {
-  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, srow);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.dtype() == at::kFloat && x.is_contiguous(),
+void packed_linear(const at::Tensor& x, const PlanTensors& plan_tensors, const PlanInts& plan_ints, int64_t isa,
+                   at::Tensor& out) {
+  const Plan p = make_plan(plan_tensors, plan_ints);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == p.K && x.dtype() == at::kFloat && x.is_contiguous(),
               "x must be contiguous float32 (B, K)");
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == x.size(0) && out.size(1) == p.N,
               "out must be contiguous float32 (B, N)");
@@ -696,11 +761,9 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const Plan& p, int64_t 
 #endif
 
 // Dense fp32 rows [r0, r1) of Ŵ into out (r1 - r0, Kpad), for the large-batch path.
-void decode_rows(const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw, const at::Tensor& prod_var,
-                 const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef, int64_t K,
-                 int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol, const at::Tensor& sval,
-                 const at::Tensor& srow, int64_t r0, int64_t r1, at::Tensor& out, int64_t isa) {
-  Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval, srow);
+void decode_rows(const PlanTensors& plan_tensors, const PlanInts& plan_ints, int64_t r0, int64_t r1, at::Tensor& out,
+                 int64_t isa) {
+  const Plan p = make_plan(plan_tensors, plan_ints);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= p.N, "row range out of bounds");
   TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.size(0) == r1 - r0 && out.size(1) == p.Kpad,
               "out must be contiguous float32 (rows, Kpad)");
@@ -722,12 +785,9 @@ void decode_rows(const at::Tensor& planes, const at::Tensor& tiles, const at::Te
 
 // The whole small-batch layer call in one crossing from Python: any leading shape and float
 // dtype in, the same out (per-call Python work would otherwise cost more than a small layer).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tiles, const at::Tensor& colw,
-                  const at::Tensor& prod_var, const at::Tensor& prod_mono, int64_t n_bit, const at::Tensor& coef,
-                  int64_t K, int64_t group_size, const at::Tensor& rowptr, const at::Tensor& scol,
-                  const at::Tensor& sval, const at::Tensor& srow, int64_t isa) {
-  const Plan p = make_plan(planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, rowptr, scol, sval,
-                           srow);
+at::Tensor linear(const at::Tensor& x, const PlanTensors& plan_tensors, const PlanInts& plan_ints, int64_t isa) {
+  const Plan p = make_plan(plan_tensors, plan_ints);
+  const int64_t K = p.K;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must end in K features");
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = p.N;
@@ -759,6 +819,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "out (B, N) = x @ W^T for a packed-bit plan (fp32)");
   m.def("decode_rows", &decode_rows, "out (rows, Kpad) = dense fp32 rows [r0, r1) of a packed-bit plan");
   m.def("available_isas", &available_isas, "instruction sets this CPU can run");
+  m.def("plan_fields", &plan_fields, "the KernelPlan fields the entry points take: (tensor names, integer names)");
   m.def("half_linear", &half_linear, "out (B, N) = x (B, K) fp32 @ w (N, K) bf16/fp16, widened exactly",
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("simd") = true);
 }

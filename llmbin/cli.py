@@ -1,4 +1,7 @@
-"""``llmbin`` command line: ``quantize`` and ``eval``."""
+"""``llmbin`` command line: ``quantize`` and ``eval``.
+
+Parsing needs only this module, ``config``, ``recipes`` and ``version``: no torch, no transformers,
+so ``--help`` and usage errors come at once. Each command imports what it uses when it runs."""
 from __future__ import annotations
 
 import argparse
@@ -7,51 +10,143 @@ import json
 import os
 import resource
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+from .config import OPTION_CHOICES, OPTION_HELP, RECIPE_METHODS, method_configs
 from .errors import LlmbinError, QuantizationStopped
 from .evaluate.zeroshot import DEFAULT_TASKS, TASK_DATA_ENV
+from .version import __version__
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+CALIB_DATA, NSAMPLES, SEQLEN = "wikitext2", 128, 2048  # a bare run's calibration
+FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # config fields are annotated by name
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line and where to look, not argparse's whole usage before it."""
+
+    def error(self, message, prog=None):
+        self.exit(2, f"llmbin: error: {message}; see {prog or self.prog} --help\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # found by the top parser, though they follow a command: point at that command's help
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extra)}", f"{self.prog} {command}" if command else None)
+        return parsed
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (argparse's own
+    ArgumentDefaultsHelpFormatter would also print ``(default: None)``); lines never break inside
+    a hyphenated name such as ``pb-llm-10``."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+def method_option_table() -> dict[str, tuple[str, dict[str, object]]]:
+    """Config field -> (its type's name, {method: its default}), fields in the order they first appear."""
+    table: dict[str, tuple[str, dict[str, object]]] = {}
+    for cls in method_configs():
+        for field in dataclasses.fields(cls):
+            table.setdefault(field.name, (field.type, {}))[1][cls.method] = field.default
+    return table
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)  # as a recipe writes it
+
+
+def methods_and_defaults(defaults: dict[str, object], methods: list[str]) -> str:
+    """``all methods; default: 0.01``, ``pb-llm, billm; default: hessian``, or, where the defaults
+    differ, ``default: pb-llm, db-llm true; gptq, billm false``."""
+    groups: dict[str, list[str]] = {}
+    for method, value in defaults.items():
+        groups.setdefault(_show(value), []).append(method)
+    if len(groups) > 1:
+        return "default: " + "; ".join(f"{', '.join(users)} {value}" for value, users in groups.items())
+    users = "all methods" if len(defaults) == len(methods) else ", ".join(defaults)
+    return f"{users}; default: {next(iter(groups))}"
 
 
 def _method_options(parser: argparse.ArgumentParser) -> list[str]:
-    """One ``--option`` per field of every registered method config (defaults stay in the config)."""
-    from .config import QuantConfig
-    from .registry import method_configs
+    """One ``--option`` per config field of any method, its help saying which methods have it and
+    their defaults. The parser's own default is None: a value not given stays the method's (or the recipe's)."""
+    group = parser.add_argument_group(
+        "method options", "Each applies to the methods named in its help; one not given keeps the recipe's value, "
+        "else the method's default.")
+    table = method_option_table()
+    methods = [cls.method for cls in method_configs()]
+    for name, (kind, defaults) in table.items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{OPTION_HELP.get(name, '')} ({methods_and_defaults(defaults, methods)})".replace("%", "%%")
+        if FIELD_TYPES[kind] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in OPTION_CHOICES:
+            group.add_argument(flag, type=FIELD_TYPES[kind], choices=OPTION_CHOICES[name], default=None, help=text)
+        else:
+            group.add_argument(flag, type=FIELD_TYPES[kind], default=None, metavar=name.upper(), help=text)
+    return list(table)
 
-    names, group = [], parser.add_argument_group("method options (defaults are each method's own)")
-    for cls in [QuantConfig, *method_configs()]:
-        for field in dataclasses.fields(cls):
-            if field.name in names:
-                continue
-            names.append(field.name)
-            flag = "--" + field.name.replace("_", "-")
-            kind = type(field.default)
-            if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-            else:
-                group.add_argument(flag, type=kind, default=None, metavar=field.name.upper())
-    return names
+
+def _method_name(name: str) -> str:
+    """``--method``: a method's name; a former method that is a recipe now says which recipe."""
+    if name in RECIPE_METHODS:
+        raise argparse.ArgumentTypeError(f"{name} is a recipe now, not a method: use --recipe {name}")
+    methods = sorted(cls.method for cls in method_configs())
+    if name not in methods:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r} (choose from {', '.join(methods)})")
+    return name
+
+
+def _recipe_list() -> str:
+    from .recipes import shipped_recipes
+
+    return ", ".join(shipped_recipes()) or "none"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
-    from . import __version__
-    from .registry import available_methods
-
-    parser = argparse.ArgumentParser(prog="llmbin", description="Post-training binarization of causal LMs.")
+    methods = sorted(cls.method for cls in method_configs())
+    parser = Parser(prog="llmbin", formatter_class=HelpFormatter,
+                    description="Post-training binarization of causal LMs: quantize a model into a packed "
+                                "checkpoint, and evaluate checkpoints and original models.")
     parser.add_argument("--version", action="version", version=f"llmbin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval}")
 
-    q = sub.add_parser("quantize", help="calibrate, binarize and write a packed checkpoint")
+    q = sub.add_parser("quantize", help="calibrate, binarize and write a packed checkpoint",
+                       formatter_class=HelpFormatter,
+                       description=f"Calibrate on text, binarize the linear layers of every decoder block with one "
+                                   f"method, and write a packed checkpoint. A bare run calibrates on {NSAMPLES} "
+                                   f"windows of {SEQLEN} tokens of {CALIB_DATA} (--nsamples, --seqlen, --calib-data).",
+                       epilog=f"shipped recipes (--recipe NAME): {_recipe_list()}")
     q.add_argument("--model", required=True, help="hub id, local HF folder, .gguf file, or 'smollm2-135m'")
-    q.add_argument("--method", choices=available_methods(), help="required unless --recipe gives it")
-    q.add_argument("--recipe", help="YAML recipe (method and options, see recipes/); command-line options override it")
-    q.add_argument("--calib-data", default="wikitext2", help="wikitext2, c4, ptb, or a .parquet/.jsonl/.txt file")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--method", type=_method_name, metavar="{" + ",".join(methods) + "}",
+                   help="the quantization method; required unless --recipe gives it")
+    q.add_argument("--recipe", metavar="NAME|FILE",
+                   help="a shipped recipe by name (listed below) or a YAML file of a method and its options; "
+                        "method options given on the command line override it")
+    q.add_argument("--calib-data", default=CALIB_DATA, metavar="DATA",
+                   help="calibration text: wikitext2, c4, ptb, or a .parquet/.jsonl/.txt file")
+    q.add_argument("--nsamples", type=int, default=NSAMPLES, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=SEQLEN, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' random offsets")
     q.add_argument("--device", default="cpu", help="where each block is quantized (cpu, cuda, cuda:1, ...)")
     q.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="dtype the model is computed in; auto: float32 on the CPU, the checkpoint's own dtype on a GPU")
@@ -64,17 +159,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                         "quantize a big model over several sessions, or time and measure a few blocks")
     q.add_argument("--json", help="write a JSON report (bits, bytes, time, peak memory) here")
     q.add_argument("--eval-ppl", metavar="DATASET", help="after saving, also report the in-memory model's perplexity")
-    q.add_argument("--eval-seqlen", type=int, default=2048)
+    q.add_argument("--eval-seqlen", type=int, default=2048, help="with --eval-ppl: tokens per window")
     q.add_argument("--max-windows", type=int, help="with --eval-ppl: evaluate only the first N windows")
     q.add_argument("--eval-tasks", metavar="TASKS",
                    help="after saving, reload the checkpoint and run these lm-eval zero-shot tasks (as llmbin eval --tasks)")
     q.add_argument("--limit", type=int, help="with --eval-tasks: only the first N examples of each task")
     q.add_argument("--eval-batch-size", type=int, default=8, help="with --eval-tasks: lm-eval batch size")
     q.add_argument("--task-data", help="with --eval-tasks: local copies of the task data (as llmbin eval --task-data)")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     options = _method_options(q)
 
-    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a packed checkpoint or an original model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a packed checkpoint or an original model",
+                       formatter_class=HelpFormatter,
+                       description="Perplexity (by default wikitext2's, in windows of 2048 tokens) and lm-eval "
+                                   "zero-shot accuracy of a packed checkpoint, or with --model of an original model.")
     e.add_argument("checkpoint", nargs="?", help="llmbin checkpoint directory")
     e.add_argument("--model", help="an original model instead (hub id, folder, .gguf, 'smollm2-135m')")
     e.add_argument("--ppl", help="data set for perplexity (wikitext2, c4, ptb); default wikitext2 unless --tasks is given")
@@ -86,7 +184,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--cache", help="with --tasks: keep scored requests in SQLite files with this path prefix; "
                    "a rerun with the same prefix resumes where an interrupted one stopped")
     e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
-    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
     e.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
     e.add_argument("--device-map", help="'auto', or a JSON object of module -> device/'cpu'/'disk': accelerate places "
@@ -100,7 +198,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--no-verify", action="store_true",
                    help="skip checking the checkpoint's files against their recorded digests (as LLMBIN_VERIFY=0): "
                         "a faster load that no longer detects corrupt or modified files")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser, options
 
 
@@ -113,37 +211,49 @@ def _write_json(path: str | None, report: dict) -> None:
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def check_quantize_options(args) -> None:
+    """The command line's own mistakes, named before torch loads (a recipe is found, not yet read)."""
+    if not args.method and not args.recipe:
+        raise LlmbinError("give --method or --recipe (e.g. --recipe pb-llm-10; llmbin quantize --help lists both)")
+    if args.recipe:
+        from .recipes import find_recipe
+
+        find_recipe(args.recipe)
+    if args.stop_after_blocks is not None and args.stop_after_blocks < 1:
+        raise LlmbinError(f"--stop-after-blocks must be at least 1, got {args.stop_after_blocks}")
+    if args.eval_tasks is None and (args.limit is not None or args.task_data):
+        raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
+    if args.nsamples < 1 or args.seqlen < 1:
+        raise LlmbinError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
+    check_json_target(args.json)
+
+
 def cmd_quantize(args, option_names: list[str]) -> dict:
-    from .bits import bit_report, directory_bytes
-    from .data.calibration import calibration_windows
-    from .models import open_model
-    from .outdir import claim_output, release_output
-    from .quantize import quantize_and_save, run_options
-    from .resume import check_resumable, finished_blocks
+    from .config import make_config
     from .recipes import recipe_config
-    from .registry import make_config
 
     out = Path(args.out)
     options = {k: getattr(args, k) for k in option_names if getattr(args, k) is not None}
-    if args.recipe:
-        config = recipe_config(args.recipe, args.method, **options)
-    elif args.method:
-        config = make_config(args.method, **options)
-    else:
-        raise LlmbinError("give --method or --recipe (e.g. --recipe recipes/pb-llm-10.yaml)")
-    if args.stop_after_blocks is not None and args.stop_after_blocks < 1:
-        raise LlmbinError(f"--stop-after-blocks must be at least 1, got {args.stop_after_blocks}")
+    # the options' values are checked here, with torch loaded but before transformers is
+    config = recipe_config(args.recipe, args.method, **options) if args.recipe else make_config(args.method, **options)
     tasks = _task_list(args.eval_tasks) if args.eval_tasks is not None else None
     if tasks is not None:
         from .evaluate.zeroshot import prepare_tasks
 
         prepare_tasks(tasks, limit=args.limit, batch_size=args.eval_batch_size, task_data=args.task_data)
-    elif args.limit is not None or args.task_data:
-        raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
-    if args.nsamples < 1 or args.seqlen < 1:
-        raise LlmbinError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
     check_device(args.device)
-    check_json_target(args.json)
+    from .models import open_model, resolve_model
+
+    resolve_model(args.model)  # a mistyped folder is named before transformers loads
+    _progress_bars(args.no_progress)
+
+    from .bits import bit_report, directory_bytes
+    from .checkpoint.folder import claim_output, release_output
+    from .checkpoint.resume import check_resumable, finished_blocks
+    from .data.calibration import calibration_windows
+    from .evaluate.perplexity import dataset_perplexity
+    from .quantize import quantize_and_save, run_options
+
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     # before the model loads: the output can be written and is not another run's, and a resume has these options
     work = claim_output(out)
@@ -181,21 +291,29 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
           f"{seconds:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB")
     if args.eval_ppl:
         if opened.streamed:  # the streamed model was never whole in memory: evaluate the checkpoint it wrote
-            from .checkpoint import load
+            from .checkpoint.io import load
 
             model = load(out)
-        ppl = _perplexity(model, opened.tokenizer, args.eval_ppl, None, args.eval_seqlen, args.max_windows, args.no_progress)
+        ppl = dataset_perplexity(model, opened.tokenizer, args.eval_ppl, seqlen=args.eval_seqlen,
+                                 max_windows=args.max_windows, progress=not args.no_progress)
         report["ppl_in_memory" if not opened.streamed else "ppl"] = {args.eval_ppl: ppl}
         print(f"{'in-memory' if not opened.streamed else 'saved checkpoint'} {args.eval_ppl} perplexity {ppl:.3f}")
     if tasks is not None:
         from transformers import AutoTokenizer
 
-        from .checkpoint import load
+        from .checkpoint.io import load
 
         del model  # the numbers are those of the saved files, reloaded as users will load them
         report.update(_zero_shot(load(out), AutoTokenizer.from_pretrained(out), tasks, args.limit,
                                  args.eval_batch_size, args.task_data, None))
     return report
+
+
+def _progress_bars(off: bool) -> None:
+    if off:  # transformers' own bars (loading shards), besides llmbin's
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _task_list(text: str) -> list[str]:
@@ -210,18 +328,12 @@ def _zero_shot(model, tokenizer, tasks, limit, batch_size, task_data, cache) -> 
     return report
 
 
-def _perplexity(model, tokenizer, dataset, eval_data, seqlen, max_windows, no_progress) -> float:
-    from .data.text import resolve_text
-    from .evaluate.perplexity import perplexity
-
-    ids = tokenizer(resolve_text(eval_data or dataset, "test"), return_tensors="pt").input_ids[0]
-    return perplexity(model, ids, seqlen, max_windows, progress=not no_progress)
-
-
 def cmd_eval(args) -> dict:
     from .bits import bit_report, directory_bytes
+    from .evaluate.perplexity import dataset_perplexity
     from .nn.binary_linear import BinaryLinear
 
+    _progress_bars(args.no_progress)
     if bool(args.checkpoint) == bool(args.model):
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
     if not args.tasks and (args.limit is not None or args.task_data or args.cache):
@@ -235,7 +347,7 @@ def cmd_eval(args) -> dict:
         check_cache(args.cache)
     lm = None
     if args.checkpoint:
-        from .checkpoint import check_checkpoint, load_tokenizer
+        from .checkpoint.io import check_checkpoint, load_tokenizer
 
         tokenizer = load_tokenizer(check_checkpoint(args.checkpoint))  # cheap checks before the model loads
     if args.checkpoint and args.device_map and args.tasks:
@@ -248,7 +360,7 @@ def cmd_eval(args) -> dict:
                            batch_size=args.batch_size)
         model, tokenizer = lm.model, lm.tokenizer
     elif args.checkpoint:
-        from .checkpoint import load
+        from .checkpoint.io import load
 
         model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device,
                      device_map=device_map, offload_folder=args.offload_folder)
@@ -273,7 +385,8 @@ def cmd_eval(args) -> dict:
     bpw = report["bits_per_weight"]
     dataset = args.ppl or (None if args.tasks else "wikitext2")
     if dataset:
-        ppl = _perplexity(model, tokenizer, dataset, args.eval_data, args.seqlen, args.max_windows, args.no_progress)
+        ppl = dataset_perplexity(model, tokenizer, dataset, eval_data=args.eval_data, seqlen=args.seqlen,
+                                 max_windows=args.max_windows, progress=not args.no_progress)
         report.update({"ppl": {dataset: ppl}, "eval_data": args.eval_data, "seqlen": args.seqlen,
                        "max_windows": args.max_windows})
         print(f"{report['model']}: {dataset} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
@@ -314,11 +427,13 @@ def check_json_target(path: str | None) -> None:
 
 
 def _eval_dtype(name: str, device: str):
-    import torch
+    """``--dtype`` of ``llmbin eval``: llmbin's auto rule with a packed checkpoint's stored float16
+    as the stored dtype (float32 on the CPU, float16 on a GPU); ``--model`` has the same rule,
+    whatever the original model's own dtype."""
+    from .checkpoint.tensors import STORAGE_DTYPE
+    from .models import compute_dtype
 
-    if name == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    return getattr(torch, name)
+    return compute_dtype(name, device, STORAGE_DTYPE)
 
 
 def _device_map(text: str | None):
@@ -338,14 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, option_names = build_parser()
         args = parser.parse_args(argv)
-        if args.no_progress:
-            import transformers
-
-            transformers.utils.logging.disable_progress_bar()
         if args.command == "quantize":
+            check_quantize_options(args)
             report = cmd_quantize(args, option_names)
         else:
-            from .storage import verification
+            from .checkpoint.tensors import verification
 
             with verification(False if args.no_verify else None):
                 report = cmd_eval(args)

@@ -1,5 +1,10 @@
 """Method configuration classes. Each is a dataclass whose fields are the method's options;
-``to_dict`` is what the checkpoint's ``quantization_config`` records."""
+``to_dict`` is what the checkpoint's ``quantization_config`` records.
+
+``QuantConfig`` holds the options of the stages the pipeline applies around every method's
+function, each configured once here: incoherence processing (``rotate``), the scale refit
+(``refit_scales``, whose default each method sets) and distillation (``distill``). A variant
+that differs from a method only in its defaults is a recipe (``recipes/``), not a class."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +22,10 @@ class QuantConfig:
     blocksize: int = 128
     rotate: str = "none"  # incoherence processing: "input" (T·x) or "both" sides (and S·y); see algorithms.incoherence
     rotate_seed: int = 0
+    refit_scales: bool = False  # stage: re-solve the scales for least Hessian-weighted error after the method's fit
+    distill: bool = False  # stage: tune scales and norms against the float model's outputs (llmbin.distill)
+    distill_epochs: int = 1
+    distill_lr: float = 1e-4
 
     def validate(self) -> None:
         check_field_types(self)
@@ -26,13 +35,20 @@ class QuantConfig:
             raise LlmbinError(f"percdamp must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
         if self.blocksize < 1:
             raise LlmbinError(f"blocksize must be a positive integer, got {self.blocksize}")
+        if self.distill_epochs < 1 or not self.distill_lr > 0:
+            raise LlmbinError(f"--distill-epochs must be >= 1 and --distill-lr > 0, got {self.distill_epochs} and "
+                              f"{self.distill_lr}")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **asdict(self)}
 
+    def wants_refit(self) -> bool:
+        """Whether the layer pipeline refits the scales after the method's fit (``algorithms.layer``)."""
+        return self.refit_scales
+
     def wants_distillation(self) -> bool:
         """Whether a model-level distillation stage follows the layer-wise quantization."""
-        return False
+        return self.distill
 
 
 @dataclass
@@ -43,7 +59,7 @@ class PBLLMConfig(QuantConfig):
     salient_frac: float = 0.1
     salient_metric: str = "hessian"  # "hessian": w² / [H⁻¹]ⱼⱼ², or "magnitude": |w|
     salient_bits: int = 8
-    refit_scales: bool = True  # re-solve (μ, α) per row for least Hessian-weighted error after GPTQ
+    refit_scales: bool = True  # the scale refit stage (QuantConfig), on by default for PB-LLM
     scale_search: int = 6  # GPTQ passes with α scaled by 0.5…1; each row keeps its best (0 or 1: one pass, α as fitted)
     order_search: bool = True  # reconstruct again in activation order (GPTQ's desc_act); the layer keeps the better
 
@@ -57,6 +73,9 @@ class PBLLMConfig(QuantConfig):
             raise LlmbinError(f"salient_bits must be between 2 and 8, got {self.salient_bits}")
         if not 0 <= self.scale_search <= 16:
             raise LlmbinError(f"scale_search must be between 0 and 16 GPTQ passes, got {self.scale_search}")
+
+    def wants_refit(self) -> bool:
+        return self.refit_scales and self.salient_frac < 1  # all weights salient: no binarized scale to refit
 
 
 _KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
@@ -103,39 +122,34 @@ class GPTQConfig(QuantConfig):
 
 @dataclass
 class DBLLMConfig(QuantConfig):
-    """DB-LLM (Chen et al.) flexible dual binarization: ``ŵ = μ + α₁b₁ + α₂b₂`` per row or group,
-    with optional deviation-aware distillation of the scales and norms afterwards."""
+    """DB-LLM (Chen et al.) flexible dual binarization: ``ŵ = μ + α₁b₁ + α₂b₂`` per row or group;
+    its deviation-aware distillation of the scales and norms is the ``distill`` stage (QuantConfig)."""
 
     method: ClassVar[str] = "db-llm"
     group_size: int = 0  # 0: scales per output row
     refine_iters: int = 20  # alternating least-squares rounds of the scales and planes
-    refit_scales: bool = True  # re-solve the scales for least Hessian-weighted error after GPTQ
-    distill: bool = False  # second stage: tune scales and norms against the float model's outputs
-    distill_epochs: int = 1
-    distill_lr: float = 1e-4
+    refit_scales: bool = True  # the scale refit stage (QuantConfig), on by default for DB-LLM
 
     def validate(self) -> None:
         super().validate()
         if self.group_size < 0:
             raise LlmbinError(f"--group-size must be 0 (per row) or positive, got {self.group_size}")
-        if self.refine_iters < 0 or self.distill_epochs < 1 or not self.distill_lr > 0:
-            raise LlmbinError("--refine-iters must be >= 0, --distill-epochs >= 1 and --distill-lr > 0")
-
-    def wants_distillation(self) -> bool:
-        return self.distill
+        if self.refine_iters < 0:
+            raise LlmbinError(f"--refine-iters must be >= 0, got {self.refine_iters}")
 
 
 @dataclass
 class BiLLMConfig(QuantConfig):
     """BiLLM (Huang et al.): per block, salient columns get residual (two-plane) binarization,
-    the other weights split at a searched magnitude break-point into two binarized classes."""
+    the other weights split at a searched magnitude break-point into two binarized classes.
+    ARB-LLM-X (Li et al.) is this with ``refine_iters: 15`` and ``refit_scales: true``
+    (``recipes/arb-x.yaml``)."""
 
     method: ClassVar[str] = "billm"
     salient_metric: str = "hessian"
     max_salient_columns: int = 30  # the salient column count is searched in [1, this] per block
     split_points: int = 81  # break-point candidates: this many quantiles of |w| from 10 % to 90 %
     refine_iters: int = 0  # ARB alternating refinement rounds (0: BiLLM's closed form)
-    refit_scales: bool = False  # re-solve the scales for least Hessian-weighted error after GPTQ (ARB-X)
 
     def validate(self) -> None:
         super().validate()
@@ -146,19 +160,95 @@ class BiLLMConfig(QuantConfig):
 
 
 @dataclass
-class ARBXConfig(BiLLMConfig):
-    """ARB-LLM-X (Li et al.): BiLLM's structure with alternating refinement of μ, α and signs,
-    then a calibration-aware (Hessian-weighted) refit of the scales."""
-
-    method: ClassVar[str] = "arb-x"
-    refine_iters: int = 15
-    refit_scales: bool = True
-
-
-@dataclass
 class ARBRCConfig(BiLLMConfig):
     """ARB-LLM-RC (Li et al.): BiLLM's structure with row and column scales ``α_r·β_c`` (no mean),
     refined alternately."""
 
     method: ClassVar[str] = "arb-rc"
     refine_iters: int = 15
+
+
+# --- the methods, by name (torch-free: the command line builds its options and checks them from here) ---
+
+# Former method names that are recipes now: name -> (method, the options its recipe sets). Checkpoints
+# and run records written before say ``method: arb-x``; ``config_from_dict`` reads them as the recipe.
+RECIPE_METHODS: dict[str, tuple[str, dict]] = {
+    "arb-x": ("billm", {"refine_iters": 15, "refit_scales": True}),
+}
+
+
+def method_configs() -> list[type[QuantConfig]]:
+    """Every method's config class: each subclass of ``QuantConfig`` that names a method."""
+    found = []
+
+    def walk(cls):
+        for sub in cls.__subclasses__():
+            if sub.method and sub not in found:
+                found.append(sub)
+            walk(sub)
+
+    walk(QuantConfig)
+    return found
+
+
+def available_methods() -> list[str]:
+    return sorted(cls.method for cls in method_configs())
+
+
+def make_config(method: str, **options) -> QuantConfig:
+    """Build and validate a config from a method name and options (unknown options are errors)."""
+    if method in RECIPE_METHODS:
+        base, preset = RECIPE_METHODS[method]
+        settings = ", ".join(f"{k} {str(v).lower()}" for k, v in preset.items())
+        raise LlmbinError(f"{method} is a recipe now, not a method: use --recipe {method} (recipes/{method}.yaml), "
+                          f"or method {base} with {settings}")
+    classes = {cls.method: cls for cls in method_configs()}
+    if method not in classes:
+        raise LlmbinError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
+    cls = classes[method]
+    unknown = sorted(set(options) - set(config_fields(cls)))
+    if unknown:
+        raise LlmbinError(f"unknown option(s) for {method}: {', '.join(unknown)}; valid: {', '.join(config_fields(cls))}")
+    config = cls(**options)
+    config.validate()
+    return config
+
+
+def config_from_dict(data: dict) -> QuantConfig:
+    """Inverse of ``QuantConfig.to_dict``; also reads the records of earlier versions (a method that is
+    a recipe now, e.g. ``arb-x``, becomes its recipe's method and options; options added since take
+    their defaults)."""
+    data = dict(data)
+    method = data.pop("method", "")
+    if method in RECIPE_METHODS:
+        method, preset = RECIPE_METHODS[method]
+        data = {**preset, **data}
+    return make_config(method, **data)
+
+
+# One line of help per option, for ``llmbin quantize --help`` (which adds the methods that have the
+# option and their defaults, read from the classes above), keyed by field name so that a field can
+# move between classes without its help. tests/test_cli_help.py checks that every field has one.
+SALIENT_METRICS = ("hessian", "magnitude")
+OPTION_CHOICES = {"rotate": ROTATE_CHOICES, "salient_metric": SALIENT_METRICS}
+OPTION_HELP = {
+    "percdamp": "GPTQ damping: this fraction of the Hessian's mean diagonal is added to its diagonal",
+    "blocksize": "GPTQ columns quantized per lazy-update block",
+    "rotate": "incoherence processing: rotate each layer's input side, or both sides, by random orthogonal "
+              "transforms before quantizing (llmbin.algorithms.incoherence)",
+    "rotate_seed": "seed of the random rotations (with --rotate input or both)",
+    "refit_scales": "after the method's fit, re-solve the scales for least Hessian-weighted error",
+    "distill": "after quantizing, tune the scales and norms against the float model's outputs (loads the model whole)",
+    "distill_epochs": "with --distill: passes over the calibration windows",
+    "distill_lr": "with --distill: learning rate",
+    "salient_frac": "fraction of the weights kept at --salient-bits; the rest are binarized",
+    "salient_metric": "how salient weights are ranked: hessian (w^2 / [H^-1]_jj^2) or magnitude (|w|)",
+    "salient_bits": "bits of the salient weights (2 to 8)",
+    "scale_search": "GPTQ passes with the scale multiplied by 0.5 to 1, each row keeping its best (0 or 1: one pass)",
+    "order_search": "reconstruct again in activation order (GPTQ's desc_act) and keep the order with less layer error",
+    "bits": "bits per weight of the uniform grid (2 to 8)",
+    "group_size": "input columns that share scales (0: one set per output row)",
+    "refine_iters": "alternating refinement rounds of the scales and sign planes (0: the closed form only)",
+    "max_salient_columns": "the salient column count is searched in [1, this] per block",
+    "split_points": "break-point candidates: this many quantiles of |w| from 10 % to 90 %",
+}

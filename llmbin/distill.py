@@ -1,4 +1,5 @@
-"""DB-LLM's deviation-aware distillation (DAD), the optional second stage of ``db-llm``.
+"""The distillation stage (``QuantConfig.distill``): DB-LLM's deviation-aware distillation (DAD),
+which the pipeline (``llmbin.quantize``) applies after the layer-wise quantization of any method.
 
 After layer-wise quantization the bits stay fixed; the packed layers' scales (α, μ, column
 scales) and the normalization weights are tuned so the quantized model's next-token
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import QuantConfig
 from .nn.binary_linear import BinaryLinear
 from .packing.packed_weight import STORAGE_DTYPE
 
@@ -88,3 +90,15 @@ def deviation_aware_distill(student: torch.nn.Module, teacher: torch.nn.Module, 
         bar.close()
         _freeze(student)
     return losses
+
+
+def distillation_stage(student: torch.nn.Module, teacher: torch.nn.Module, calibration: torch.Tensor,
+                       config: QuantConfig, *, device, progress: bool = True) -> dict:
+    """The stage as the pipeline runs it: both models on the compute ``device`` for
+    :func:`deviation_aware_distill` with ``config``'s epochs and learning rate, then the student
+    back where it was. Returns the losses the checkpoint records."""
+    home = next(student.parameters()).device
+    losses = deviation_aware_distill(student.to(device), teacher.to(device), calibration, epochs=config.distill_epochs,
+                                     lr=config.distill_lr, progress=progress)
+    student.to(home)
+    return {"distill_loss_first": losses[0], "distill_loss_last": losses[-1]}

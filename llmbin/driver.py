@@ -1,11 +1,12 @@
 """The sequential driver: all model plumbing for layer-by-layer quantization lives here.
 
 Capture the first decoder block's inputs, then for each block: onload its weights, accumulate
-each linear's Hessian with hooks, quantize every linear with the method function, install the
-packed layers, run the *quantized* block to produce the next block's inputs, and release the
-block. Only one block's weights, Hessians and activations are resident at a time; with a
-streamed model (a meta skeleton plus lazily read shards, see ``placement``) the rest of the
-model is not in memory at all.
+each linear's Hessian with hooks, quantize every linear with the method function and the layer
+stages around it (``algorithms.layer``: rotation, scale refit), install the packed layers, run
+the *quantized* block to produce the next block's inputs, and release the block. Only one
+block's weights, Hessians and activations are resident at a time; with a streamed model (a
+meta skeleton plus lazily read shards, see ``placement``) the rest of the model is not in
+memory at all.
 
 Activations live in one buffer (``activations``) in the model's 16-bit dtype: each window's
 slot holds the current block's input and is overwritten by its output.
@@ -21,11 +22,13 @@ from tqdm.auto import tqdm
 
 from .activations import activation_store
 from .algorithms.hessian import accumulate_hessian
-from .algorithms.incoherence import check_rotatable, layer_rotation, quantize_rotated
+from .algorithms.incoherence import check_rotatable, layer_rotation
+from .algorithms.layer import quantize_layer
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
-from .models import decoder_layers, linear_layers, set_submodule
+from .models import decoder_layers, linear_layers
 from .nn.binary_linear import BinaryLinear
+from .nn.tree import set_submodule
 from .placement import Placement, tensor_names
 from .registry import method_function
 
@@ -231,7 +234,7 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index) 
         W = linear.weight.detach()
         if not torch.isfinite(H).all():
             raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
-        weight = quantize_rotated(method, W, H, config, layer_rotation(config, f"{index}.{name}"))
+        weight = quantize_layer(method, W, H, config, layer_rotation(config, f"{index}.{name}"))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])

@@ -3,7 +3,9 @@ run with llmbin imported so that ``--model hf --model_args pretrained=CHECKPOINT
 packed checkpoint through transformers. Every option is lm-eval's; nothing is re-implemented."""
 from __future__ import annotations
 
-import llmbin  # noqa: F401  (registers the "llmbin" quantizer with transformers)
+from .checkpoint.hf_quantizer import register
+
+register()  # the "llmbin" quantizer, so that transformers loads packed checkpoints
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .dtypes import HALF_DTYPES, auto_dtype
 from .errors import LlmbinError
 from .nn.binary_linear import BinaryLinear
 
@@ -39,24 +40,63 @@ def resolve_model(model: str) -> tuple[str, dict]:
         if not (path / "config.json").is_file():
             raise LlmbinError(f"{model} has no config.json; point --model at a Hugging Face model folder")
         return str(path), {}
-    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
-        raise LlmbinError(f"model folder {model} does not exist; check the path")
+    if not _hub_id(model):
+        raise LlmbinError(f"model folder {model} does not exist{_close_folders(path)}; check the path")
+    if not _in_hub_cache(model) and _hub_offline():
+        raise LlmbinError(f"no such folder {model}{_close_folders(path)}, and the Hugging Face hub does not answer "
+                          "(offline), so it cannot be downloaded as a hub id either; check the path, or go online")
     return model, {}
 
 
+def _hub_id(model: str) -> bool:
+    """Whether ``model`` reads as a hub id (``name`` or ``owner/name``) rather than a path."""
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_offline() -> bool:
+    from .hub import hub_offline
+
+    return hub_offline()
+
+
+def _close_folders(path: Path) -> str:
+    """`` (did you mean X?)`` from the folders beside ``path``, for a typo of a local folder."""
+    import difflib
+    import itertools
+
+    parent = path.expanduser().parent
+    try:
+        folders = [p.name for p in itertools.islice(parent.iterdir(), 2000) if p.is_dir()]
+    except OSError:
+        return ""
+    close = [name if str(parent) == "." else str(parent / name) for name in difflib.get_close_matches(path.name, folders)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def compute_dtype(dtype: str | torch.dtype, device: str | torch.device, stored: torch.dtype | None) -> torch.dtype:
-    """The dtype a model is computed in. ``auto``: float32 on the CPU (one block at a time, so
-    cheap, and CPUs have no fast 16-bit matmul); on an accelerator, the checkpoint's own dtype."""
+    """The dtype a model is computed in: ``dtype``, or for ``auto`` llmbin's one rule
+    (:func:`llmbin.dtypes.auto_dtype`): float32 on the CPU, ``stored`` if 16-bit on an accelerator."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if torch.device(device).type == "cpu" or stored not in HALF_DTYPES:
-            return torch.float32
-        return stored
+        return auto_dtype(torch.device(device).type == "cpu", stored)
     if dtype not in DTYPES:
         raise LlmbinError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
@@ -171,11 +211,17 @@ def load_model(model: str, dtype: torch.dtype = torch.float32):
 def snapshot_folder(repo_id: str) -> str:
     """The local snapshot of a hub model (downloaded unless cached): config, tokenizer and safetensors only."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     with _load_errors(repo_id):
         try:
             return snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf",
                                                                "*.onnx", "original/*"])
+        except RepositoryNotFoundError as exc:
+            if isinstance(exc, GatedRepoError):
+                raise OSError(f"{repo_id} is gated: accept its terms on the hub, then log in (hf auth login)") from None
+            raise LlmbinError(f"no such folder {repo_id}{_close_folders(Path(repo_id))}, and no such model on the "
+                              "Hugging Face hub (or a private one: log in with hf auth login); check the path") from None
         except Exception as exc:  # huggingface_hub's errors (offline, gated, no such repo) share no base class
             if isinstance(exc, (OSError, ValueError)):
                 raise
@@ -192,8 +238,8 @@ def open_model(model: str, dtype: str | torch.dtype = "auto", device: str | torc
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .shards import shard_files
-    from .weights import shard_weights, stored_float_dtype
+    from .checkpoint.shards import shard_files
+    from .checkpoint.source import shard_weights, stored_float_dtype
 
     source, extra = resolve_model(model)
     if not extra and not Path(source).exists():
@@ -231,8 +277,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)

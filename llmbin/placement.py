@@ -3,7 +3,7 @@
 Two cases, one interface. A model loaded whole keeps its weights in memory: onloading moves
 tensors to the device and releasing moves them back to the CPU. A model built empty (on the
 meta device, ``accelerate.init_empty_weights``) has its weights in ``weights``, a lazy mapping
-from state-dict names to stored tensors (:func:`llmbin.weights.shard_weights`): onloading reads
+from state-dict names to stored tensors (:func:`llmbin.checkpoint.source.shard_weights`): onloading reads
 just those tensors into place with accelerate's ``set_module_tensor_to_device``, cast to the
 skeleton's dtype, and releasing puts them back on the meta device, so only the block being
 worked on is ever resident.

@@ -9,28 +9,35 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .bits import bit_report
-from .checkpoint import round_to_storage, save
+from .checkpoint.digests import tensor_digest
+from .checkpoint.folder import claim_output, release_output
+from .checkpoint.hf_quantizer import mark_quantized
+from .checkpoint.io import round_to_storage, save
+from .checkpoint.resume import BlockStore, finished_blocks
+from .checkpoint.shards import MAX_SHARD_BYTES
+from .checkpoint.tensors import STORAGE_DTYPE
 from .config import QuantConfig
-from .distill import deviation_aware_distill
+from .distill import distillation_stage
 from .driver import float_dtype, module_name, quantize_blocks
-from .digests import tensor_digest
 from .errors import LlmbinError, check_positions, check_token_ids
-from .hf_quantizer import mark_quantized
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
-from .outdir import claim_output, release_output
 from .packing.packed_weight import FORMAT_VERSION
-from .resume import BlockStore, finished_blocks
-from .shards import MAX_SHARD_BYTES
-from .storage import STORAGE_DTYPE
+from .version import __version__
 
 
 def run_options(config: QuantConfig, calibration_info: dict | None) -> dict:
     """The part of a run's resume fingerprint known before the model loads."""
     return {"config": config.to_dict(), "calibration": calibration_info or {}, "llmbin_version": __version__,
             "format_version": FORMAT_VERSION}
+
+
+def resume_note(done: int, total: int, work_dir: str | os.PathLike) -> str:
+    """The line a resumed run prints: the finished blocks it keeps (always 0 to done-1) and where it goes on."""
+    blocks = f"block 0 of {total} is" if done == 1 else f"blocks 0-{done - 1} of {total} are"
+    rest = f"continuing at block {done}" if done < total else "writing the checkpoint"
+    return f"resuming: {blocks} done in {work_dir}; {rest}"
 
 
 FINITE_CHUNK = 1 << 24  # elements checked for NaN/inf at a time (bounds the temporary mask)
@@ -84,10 +91,11 @@ def quantize(
     With ``weights`` (from :func:`llmbin.models.open_model`), ``model`` is a meta skeleton whose
     blocks are read, quantized and released one by one; ``work_dir`` is then required, as the
     packed blocks exist only there until :func:`quantize_and_save` writes the checkpoint.
-    Methods that ask for it (``db-llm --distill``) then distill the scales and norms against a
-    copy of the float model taken before quantization. Afterwards the remaining float tensors
-    are rounded to the checkpoint's fp16, so the returned model computes exactly what its
-    saved checkpoint will (and, like a loaded one, serves its fp32 lm_head from those fp16 values).
+    With ``config.distill`` (any method; ``db-llm --distill`` is DB-LLM's), the distillation stage
+    then tunes the scales and norms against a copy of the float model taken before quantization.
+    Afterwards the remaining float tensors are rounded to the checkpoint's fp16, so the returned
+    model computes exactly what its saved checkpoint will (and, like a loaded one, serves its
+    fp32 lm_head from those fp16 values).
     ``stop_after_blocks`` and ``stats`` are the driver's (:func:`llmbin.driver.quantize_blocks`).
     """
     config.validate()
@@ -110,18 +118,16 @@ def quantize(
                        "device": torch.device(device).type, "model_weights": model_identity}
         store = BlockStore(work_dir, fingerprint)
         done, on_block_done = store.finished(), store.save
+        if len(done):
+            print(resume_note(len(done), len(decoder_layers(model)), work_dir), flush=True)
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}
     quantize_blocks(model, config, calibration, device=device, weights=weights, done=done, on_block_done=on_block_done,
                     activation_dtype=act_dtype, offload_activations=offload_activations, fallback_dir=work_dir,
                     activation_budget=activation_budget, stop_after_blocks=stop_after_blocks, stats=stats,
                     progress=progress)
-    if teacher is not None:  # both models on the compute device for the distillation, then back where they were
-        home = next(model.parameters()).device
-        losses = deviation_aware_distill(model.to(device), teacher.to(device), calibration, epochs=config.distill_epochs,
-                                         lr=config.distill_lr, progress=progress)
+    if teacher is not None:
+        distill_report = distillation_stage(model, teacher, calibration, config, device=device, progress=progress)
         del teacher
-        model.to(home)
-        distill_report = {"distill_loss_first": losses[0], "distill_loss_last": losses[-1]}
     round_to_storage(model)
     serve_half_weights(model, STORAGE_DTYPE)  # as load() does, so the two compute alike
     mark_quantized(model, {

@@ -1,55 +1,28 @@
 """Method registry: config class -> ``(W, H, config) -> PackedWeight``.
 
-Adding a method means adding a config class and one registered function, nothing else.
+Adding a method means adding a config class (``llmbin.config``, which also builds configs by name)
+and one row here, nothing else. A variant that differs from a method only in its defaults is a
+recipe (``recipes/``), not a row.
 """
 from __future__ import annotations
 
-from typing import Callable
+from .algorithms.billm import arb_rc_quantize, billm_quantize
+from .algorithms.dbllm import dbllm_quantize
+from .algorithms.layer import MethodFn
+from .algorithms.pbllm import pbllm_quantize
+from .algorithms.rtn import rtn_sign_quantize
+from .algorithms.uniform import gptq_quantize
+from .config import ARBRCConfig, BiLLMConfig, DBLLMConfig, GPTQConfig, PBLLMConfig, QuantConfig, RTNSignConfig
 
-import torch
-
-from .config import QuantConfig, config_fields
-from .errors import LlmbinError
-from .packing.packed_weight import PackedWeight
-
-MethodFn = Callable[[torch.Tensor, torch.Tensor, QuantConfig], PackedWeight]
-_METHODS: dict[str, tuple[type[QuantConfig], MethodFn]] = {}
-
-
-def register_method(config_cls: type[QuantConfig]):
-    def decorator(fn: MethodFn) -> MethodFn:
-        _METHODS[config_cls.method] = (config_cls, fn)
-        return fn
-
-    return decorator
-
-
-def available_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-def method_configs() -> list[type[QuantConfig]]:
-    return [cls for cls, _ in _METHODS.values()]
+FUNCTIONS: dict[type[QuantConfig], MethodFn] = {
+    PBLLMConfig: pbllm_quantize,
+    BiLLMConfig: billm_quantize,
+    ARBRCConfig: arb_rc_quantize,
+    DBLLMConfig: dbllm_quantize,
+    GPTQConfig: gptq_quantize,
+    RTNSignConfig: rtn_sign_quantize,
+}
 
 
 def method_function(config: QuantConfig) -> MethodFn:
-    return _METHODS[config.method][1]
-
-
-def make_config(method: str, **options) -> QuantConfig:
-    """Build and validate a config from a method name and options (unknown options are errors)."""
-    if method not in _METHODS:
-        raise LlmbinError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
-    cls = _METHODS[method][0]
-    unknown = sorted(set(options) - set(config_fields(cls)))
-    if unknown:
-        raise LlmbinError(f"unknown option(s) for {method}: {', '.join(unknown)}; valid: {', '.join(config_fields(cls))}")
-    config = cls(**options)
-    config.validate()
-    return config
-
-
-def config_from_dict(data: dict) -> QuantConfig:
-    """Inverse of ``QuantConfig.to_dict``."""
-    data = dict(data)
-    return make_config(data.pop("method", ""), **data)
+    return FUNCTIONS[type(config)]

@@ -1,9 +1,15 @@
 """Tiny random models with a real (locally trained) tokenizer: no hub, no downloads."""
 import contextlib
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
+
+# The offline data copies (wikitext-2, the zero-shot tasks) beside the checkout, unless LLMBIN_DATA says
+# otherwise; the Makefile sets it the same way.
+os.environ.setdefault("LLMBIN_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 WORDS = ("the model binary weight scale layer token window error sign salient column row packed bit "
          "hessian reconstruction calibration perplexity quantize checkpoint kernel matrix vector").split()
@@ -101,7 +107,7 @@ def ext():
 def interrupt_after_first_block(monkeypatch):
     """Inside the block, a quantization stops with KeyboardInterrupt right after saving its first
     finished block (as a kill at that point would); the real ``BlockStore.save`` is back afterwards."""
-    from llmbin.resume import BlockStore
+    from llmbin.checkpoint.resume import BlockStore
 
     original = BlockStore.save
 

@@ -55,8 +55,10 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, text_file, tmp_path, cap
     assert "no config.json" in _error_of(capsys, q + ["--model", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "salient-frac" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
                                                     "--salient-frac", "2"])
-    assert "--rotate must be one of none, input, both, got 'sideways'" in _error_of(
-        capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--rotate", "sideways"])
+    sideways = tmp_path / "sideways.yaml"  # the command line's --rotate has choices; a recipe's value is checked too
+    sideways.write_text("method: pb-llm\nrotate: sideways\n")
+    by_recipe = q[:1] + q[3:] + ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--recipe", str(sideways)]
+    assert "--rotate must be one of none, input, both, got 'sideways'" in _error_of(capsys, by_recipe)
     assert "already exists" in _error_of(capsys, q + ["--model", str(tiny_model_dir), "--out", str(tmp_path)])
     short = tmp_path / "short.txt"
     short.write_text("the model")
@@ -71,25 +73,36 @@ def test_bad_inputs_get_one_line_errors(tiny_model_dir, text_file, tmp_path, cap
 def test_unknown_method_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["quantize", "--model", "x", "--method", "xnor", "--out", "y"])
-    assert exc.value.code == 2 and "invalid choice: 'xnor'" in capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown method 'xnor' (choose from arb-rc, billm" in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes(tiny_model_dir, text_file, tmp_path, monkeypatch):
-    import llmbin.resume
+def test_a_former_method_that_is_a_recipe_now_names_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--model", "x", "--method", "arb-x", "--out", "y"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "arb-x is a recipe now, not a method: use --recipe arb-x" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_interrupted_run_resumes(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    import llmbin.checkpoint.resume
 
     out = tmp_path / "ckpt"
-    original = llmbin.resume.BlockStore.save
+    original = llmbin.checkpoint.resume.BlockStore.save
 
     def save_then_interrupt(self, index, modules):
         original(self, index, modules)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llmbin.resume.BlockStore, "save", save_then_interrupt)
+    monkeypatch.setattr(llmbin.checkpoint.resume.BlockStore, "save", save_then_interrupt)
     assert main(["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
                  "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--no-progress"]) == 2
     assert (tmp_path / "ckpt.partial" / "block_00000.safetensors").exists() and not out.exists()
-    monkeypatch.setattr(llmbin.resume.BlockStore, "save", original)
+    monkeypatch.setattr(llmbin.checkpoint.resume.BlockStore, "save", original)
+    capsys.readouterr()
     assert _quantize(tiny_model_dir, text_file, out) == 0
+    resumed = f"resuming: block 0 of 2 is done in {tmp_path / 'ckpt.partial'}; continuing at block 1\n"
+    assert resumed in capsys.readouterr().out
     reference = tmp_path / "reference"
     assert _quantize(tiny_model_dir, text_file, reference) == 0
     x = torch.randint(0, 300, (1, 20))
@@ -115,7 +128,7 @@ def test_quantize_needs_a_method_or_a_recipe(tiny_model_dir, text_file, tmp_path
     assert "--method or --recipe" in err
     err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--recipe", str(tmp_path / "x.yaml"),
                              "--calib-data", str(text_file), "--out", str(tmp_path / "o"), "--no-progress"])
-    assert "does not exist" in err
+    assert "is neither a file nor a shipped recipe" in err
 
 
 def test_sharded_16_bit_folder_with_the_scale_options(tiny_sharded_dir, text_file, tmp_path, capsys):
@@ -167,3 +180,42 @@ def test_a_checkpoint_without_a_usable_tokenizer_gets_a_one_line_error(tiny_mode
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "copy" in err
+
+
+def test_a_shipped_recipe_by_name_from_another_folder(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "--model", str(tiny_model_dir), "--recipe", "rtn-sign", "--calib-data", str(text_file),
+                 "--nsamples", "2", "--seqlen", "32", "--out", "ckpt", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["method"] == "rtn-sign"
+
+
+def test_a_mistyped_model_folder_is_no_such_folder_not_a_network_error(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_model_dir.parent)  # holds the folder tiny-llama
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    q = ["quantize", "--method", "pb-llm", "--out", str(tmp_path / "o")]
+    assert _error_of(capsys, q + ["--model", "tiny-lama"]) == (
+        "llmbin: error: no such folder tiny-lama (did you mean tiny-llama?), and the Hugging Face hub does not answer "
+        "(offline), so it cannot be downloaded as a hub id either; check the path, or go online")
+    assert _error_of(capsys, q + ["--model", "./tiny-lama"]) == (
+        "llmbin: error: model folder ./tiny-lama does not exist (did you mean tiny-llama?); check the path")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_eval_of_an_original_model_folder_suggests_model(tiny_model_dir, capsys):
+    folder = str(tiny_model_dir)
+    assert _error_of(capsys, ["eval", folder]) == (
+        f"llmbin: error: {folder} is a model folder, not an llmbin checkpoint (its config.json has no llmbin "
+        f"quantization_config): to evaluate the original model use llmbin eval --model {folder}; to make a "
+        f"checkpoint of it, llmbin quantize --model {folder}")
+    assert _error_of(capsys, ["eval", "model.gguf"]) == (
+        "llmbin: error: model.gguf is a GGUF file, not an llmbin checkpoint folder: to evaluate the original model use "
+        "llmbin eval --model model.gguf")
+
+
+def test_standard_calibration_data_offline_fails_at_once_naming_a_local_file(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data", "c4",
+                              "--out", str(tmp_path / "o"), "--no-progress"]) == (
+        "llmbin: error: c4 cannot be downloaded: the Hugging Face hub does not answer (offline) and no cached copy "
+        "was found; give a local .parquet/.jsonl/.txt file (--calib-data PATH)")

@@ -58,3 +58,18 @@ def test_distill_option_runs_in_quantize_and_the_checkpoint_round_trips(tmp_path
 def test_bad_distill_options_are_rejected(options):
     with pytest.raises(llmbin.LlmbinError, match="distill"):
         llmbin.make_config("db-llm", **options)
+
+
+@pytest.mark.parametrize("method", ["pb-llm", "gptq"])
+def test_distillation_is_a_stage_any_method_can_use(method):
+    config = llmbin.make_config(method, distill=True, distill_epochs=1, distill_lr=1e-3)
+    assert config.wants_distillation()
+    model = llmbin.quantize(tiny_model("llama"), config, CALIB, progress=False)
+    q = model.config.quantization_config
+    assert q.method == method and q.distill is True and q.distill_loss_last >= 0
+
+
+def test_the_distillation_options_are_refused_for_any_method():
+    with pytest.raises(llmbin.LlmbinError, match="--distill-epochs must be >= 1"):
+        llmbin.make_config("rtn-sign", distill=True, distill_epochs=0)
+    assert not llmbin.make_config("rtn-sign").wants_distillation()

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 import llmbin
+from llmbin.config import make_config
 from llmbin.driver import quantize_blocks
 from llmbin.errors import LlmbinError
 from llmbin.models import decoder_layers
 from llmbin.nn import BinaryLinear
-from llmbin.registry import make_config
 from tests.conftest import tiny_model
 
 CALIB = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
         store_save(index, modules)
         raise Stop
 
-    from llmbin.resume import BlockStore
+    from llmbin.checkpoint.resume import BlockStore
 
     store = BlockStore(tmp_path / "work", {"test": 1})
     store_save = store.save
@@ -64,12 +64,12 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
     done = store.finished()
     resumed = tiny_model()
     quantize_blocks(resumed, config, CALIB, done=done, on_block_done=store.save, progress=False)
-    llmbin.checkpoint.round_to_storage(resumed)
+    llmbin.checkpoint.io.round_to_storage(resumed)
     assert torch.equal(resumed(CALIB[:1]).logits, reference(CALIB[:1]).logits)
 
 
 def test_a_run_with_other_options_does_not_resume_silently(tmp_path):
-    from llmbin.resume import BlockStore, block_path
+    from llmbin.checkpoint.resume import BlockStore, block_path
 
     BlockStore(tmp_path, {"salient_frac": 0.1})
     BlockStore(tmp_path, {"salient_frac": 0.2})  # no finished block yet: nothing to mix, the new run takes over
@@ -169,3 +169,36 @@ def test_a_streamed_model_without_a_work_dir_is_refused(tiny_sharded_dir):
     opened = open_model(str(tiny_sharded_dir))
     with pytest.raises(LlmbinError, match="work_dir"):
         llmbin.quantize(opened.model, llmbin.PBLLMConfig(), CALIB, weights=opened.weights, progress=False)
+
+
+@pytest.mark.parametrize("method,options", [("pb-llm", {}), ("db-llm", {"rotate": "input"}),
+                                            ("billm", {"blocksize": 32, "refine_iters": 15, "refit_scales": True})])
+def test_the_driver_applies_the_refit_stage_around_the_method(method, options, monkeypatch):
+    """Every layer is the method's fit followed by the refit, in the rotated basis if any, exactly as
+    each method refitted inside its own function before the refit was a stage."""
+    import llmbin.driver as driver
+    from llmbin.algorithms.hessian import damped_hessian, prepared_inverse
+    from llmbin.algorithms.incoherence import rotate_problem
+    from llmbin.algorithms.scales import refit_scales
+    from llmbin.registry import method_function
+
+    calls = []
+    original = driver.quantize_layer
+
+    def record(method_fn, W, H, config, rotation=None):
+        calls.append((W.clone(), H.clone(), rotation, original(method_fn, W, H, config, rotation)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(driver, "quantize_layer", record)
+    config = make_config(method, **options)
+    llmbin.quantize(tiny_model(), config, CALIB[:2], progress=False)
+    assert len(calls) == 14  # 7 linears in each of the 2 blocks
+    for W, H, rotation, packed in calls:
+        if rotation is not None:
+            W, H = rotate_problem(W, H, rotation)
+        fitted = method_function(config)(W, H, config)
+        inline = refit_scales(fitted, prepared_inverse(W.float(), H.float(), config.percdamp)[0],
+                              damped_hessian(H.float(), config.percdamp))
+        assert torch.equal(packed.alpha, inline.alpha) and torch.equal(packed.planes, inline.planes)
+        assert (packed.mu is None and inline.mu is None) or torch.equal(packed.mu, inline.mu)
+        assert not torch.equal(packed.alpha, fitted.alpha)  # the stage ran

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llmbin
-from llmbin.digests import file_digests, file_header_json, tensor_digest
+from llmbin.checkpoint.digests import file_digests, file_header_json, tensor_digest
 from llmbin.errors import LlmbinError
 from tests.conftest import interrupt_after_first_block, packed_checkpoint, tiny_model
 
@@ -148,8 +148,8 @@ def test_a_flipped_byte_in_one_shard_is_refused(tmp_path):
 
 
 def test_a_corrupt_finished_block_is_not_resumed(tmp_path):
+    from llmbin.checkpoint.resume import BlockStore, block_path
     from llmbin.driver import quantize_blocks
-    from llmbin.resume import BlockStore, block_path
 
     config = llmbin.PBLLMConfig()
     store = BlockStore(tmp_path / "work", {"test": 1})

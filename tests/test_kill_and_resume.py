@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from llmbin.digests import file_digests
+from llmbin.checkpoint.digests import file_digests
 
 BLOCKS = 6
 

@@ -4,8 +4,52 @@ from llmbin.errors import LlmbinError
 from llmbin.models import resolve_model
 
 
-def test_hub_ids_pass_through_for_online_users():
+def test_hub_ids_pass_through_for_online_users(monkeypatch):
+    import llmbin.models
+
+    monkeypatch.setattr(llmbin.models, "_hub_offline", lambda: False)
     assert resolve_model("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", {})
+    assert resolve_model("gpt2") == ("gpt2", {})
+
+
+def test_a_hub_id_offline_and_not_cached_is_no_such_folder(tmp_path, monkeypatch):
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LlmbinError) as info:
+        resolve_model("tinyy")
+    assert str(info.value) == ("no such folder tinyy (did you mean tiny?), and the Hugging Face hub does not answer "
+                               "(offline), so it cannot be downloaded as a hub id either; check the path, or go online")
+
+
+def test_a_path_or_a_name_no_hub_id_can_have_is_a_missing_folder(tmp_path):
+    (tmp_path / "tiny-llama").mkdir()
+    with pytest.raises(LlmbinError) as info:
+        resolve_model(str(tmp_path / "tiny-lama"))
+    assert str(info.value) == (f"model folder {tmp_path / 'tiny-lama'} does not exist (did you mean "
+                               f"{tmp_path / 'tiny-llama'}?); check the path")
+    with pytest.raises(LlmbinError, match="model folder my model does not exist; check the path"):
+        resolve_model("my model")  # not a valid hub id: no network is asked
+
+
+def test_a_model_neither_here_nor_on_the_hub_is_named_so(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from llmbin.models import snapshot_folder
+
+    class NotFound(RepositoryNotFoundError):
+        def __init__(self):
+            OSError.__init__(self, "404 Client Error. Repository Not Found for url: https://huggingface.co/api/...")
+
+    def missing(*args, **kwargs):
+        raise NotFound()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(LlmbinError) as info:
+        snapshot_folder("someone/tinyy")
+    assert str(info.value) == ("no such folder someone/tinyy, and no such model on the Hugging Face hub (or a "
+                               "private one: log in with hf auth login); check the path")
 
 
 def test_gguf_files_and_the_bundled_alias(tmp_path):
@@ -109,7 +153,7 @@ def test_a_hub_id_streams_from_its_downloaded_snapshot(tiny_sharded_dir, tmp_pat
     opened = open_model("someone/tiny-llama")
     assert opened.streamed
     assert opened.weights.index["model.norm.weight"]["safetensors_file"].startswith(str(repo / "snapshots" / commit))
-    with pytest.raises(LlmbinError, match="could not load model 'someone/absent'"):
+    with pytest.raises(LlmbinError, match="no such folder someone/absent, and the Hugging Face hub does not answer"):
         open_model("someone/absent")
 
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from llmbin.checkpoint.folder import LOCK_FILE, claim_output, release_output, work_dir
 from llmbin.cli import main
-from llmbin.outdir import LOCK_FILE, claim_output, release_output, work_dir
 
 
 def _quantize(model_dir, text_file, out, *extra):
@@ -119,7 +119,7 @@ def test_a_full_disk_is_a_one_line_error_with_nothing_half_written(tiny_model_di
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             return real_save(tensors, path, metadata=metadata)
 
-        monkeypatch.setattr("llmbin.storage.save_file", filling)
+        monkeypatch.setattr("llmbin.checkpoint.tensors.save_file", filling)
     try:
         assert _quantize(tiny_model_dir, text_file, disk / "ckpt") == 2
         assert "no space left on the device while writing" in _one_line_error(capsys)

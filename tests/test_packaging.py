@@ -1,7 +1,8 @@
 """pyproject.toml lists its packages explicitly (the kernel source is mapped in from kernels/),
 so a new subpackage must be added there or wheels would silently miss it."""
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +19,16 @@ def test_every_package_is_listed_and_the_kernel_source_ships():
     assert tool["package-data"]["llmbin.kernels.csrc"] == ["*.cpp"]
     from llmbin.evaluate.zeroshot import OFFLINE_TASKS, TASK_DIR
 
-    assert ROOT / tool["package-dir"]["llmbin.evaluate.tasks"] == TASK_DIR
+    assert "llmbin.evaluate.tasks" not in tool["package-dir"] and TASK_DIR == ROOT / "llmbin" / "evaluate" / "tasks"
     assert tool["package-data"]["llmbin.evaluate.tasks"] == ["*.yaml"]
     assert all((TASK_DIR / f"{task}.yaml").is_file() for task in OFFLINE_TASKS)
+
+
+def test_the_recipes_ship_as_package_data_and_are_found_by_name():
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "llmbin.recipe_files" in tool["packages"]
+    assert ROOT / tool["package-dir"]["llmbin.recipe_files"] == ROOT / "recipes"
+    assert tool["package-data"]["llmbin.recipe_files"] == ["*.yaml"]
+    from llmbin.recipes import shipped_recipes
+
+    assert shipped_recipes() == {p.stem: p for p in sorted((ROOT / "recipes").glob("*.yaml"))}

@@ -5,9 +5,9 @@ import torch
 from safetensors import safe_open
 
 import llmbin
+from llmbin.checkpoint.shards import shard_files
 from llmbin.models import open_model
 from llmbin.quantize import quantize_and_save
-from llmbin.shards import shard_files
 
 CALIB = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
 INPUT = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(1))

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmbin.errors import LlmbinError
-from llmbin.recipes import read_recipe, recipe_config
+from llmbin.recipes import find_recipe, read_recipe, recipe_config, shipped_recipes
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -47,7 +47,7 @@ def test_bad_recipes_get_clear_errors(tmp_path, text, match):
 
 
 def test_missing_recipe_and_contradicting_method_are_errors(tmp_path):
-    with pytest.raises(LlmbinError, match="does not exist"):
+    with pytest.raises(LlmbinError, match="is neither a file nor a shipped recipe"):
         recipe_config(tmp_path / "none.yaml")
     with pytest.raises(LlmbinError, match="contradicts"):
         recipe_config(RECIPES[0], "rtn-sign" if read_recipe(RECIPES[0])["method"] != "rtn-sign" else "gptq")
@@ -70,3 +70,74 @@ def test_a_recipe_value_of_the_wrong_type_is_refused_by_name(tmp_path, line, mes
     with pytest.raises(LlmbinError) as info:
         recipe_config(recipe)
     assert str(info.value) == message
+
+
+# ARBXConfig's record before ARB-X became a recipe (a checkpoint's quantization_config, less the run's keys)
+OLD_ARB_X = {"method": "arb-x", "salient_metric": "hessian", "max_salient_columns": 30, "split_points": 81,
+             "refine_iters": 15, "refit_scales": True, "percdamp": 0.01, "blocksize": 128, "rotate": "none",
+             "rotate_seed": 0}
+
+
+def test_arb_x_is_a_billm_recipe_with_the_former_arb_x_defaults():
+    import torch
+
+    from llmbin.algorithms.billm import billm_quantize
+    from llmbin.algorithms.hessian import damped_hessian, prepared_inverse
+    from llmbin.algorithms.layer import quantize_layer
+    from llmbin.algorithms.scales import refit_scales
+    from llmbin.config import config_from_dict
+    from llmbin.registry import method_function
+
+    recipe = recipe_config(RECIPES[0].parent / "arb-x.yaml")
+    assert recipe.method == "billm"
+    assert recipe == config_from_dict(OLD_ARB_X)  # an old checkpoint's record reads as the recipe
+    # its record: method billm, and the stage options added since at their defaults
+    assert recipe.to_dict() == {**OLD_ARB_X, "method": "billm", "distill": False, "distill_epochs": 1,
+                                "distill_lr": 1e-4}
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 160, generator=g) * torch.linspace(0.1, 4.0, 160)
+    W, H = torch.randn(24, 160, generator=g) * 0.05, 2 * X.T @ X / 1024
+    old = refit_scales(billm_quantize(W, H, recipe), prepared_inverse(W, H, 0.01)[0], damped_hessian(H, 0.01))
+    new = quantize_layer(method_function(recipe), W, H, recipe)
+    a, b = old.tensors("l"), new.tensors("l")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and old.metadata() == new.metadata()
+
+
+def test_the_former_arb_x_method_points_to_its_recipe():
+    from llmbin.config import available_methods, make_config
+
+    assert "arb-x" not in available_methods()
+    with pytest.raises(LlmbinError, match=r"^arb-x is a recipe now, not a method: use --recipe arb-x .*"
+                                          r"refine_iters 15, refit_scales true"):
+        make_config("arb-x")
+
+
+def test_the_shipped_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert set(shipped_recipes()) == {p.stem for p in RECIPES}
+    shipped = next(p for p in RECIPES if p.stem == "pb-llm-10")
+    assert find_recipe("pb-llm-10") == find_recipe("pb-llm-10.yaml") == shipped
+    assert recipe_config("pb-llm-10").salient_frac == 0.1
+
+
+def test_a_relative_path_that_exists_is_that_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "pb-llm-10.yaml").write_text("method: pb-llm\nsalient_frac: 0.3\n")
+    (tmp_path / "pb-llm-20").write_text("method: pb-llm\nsalient_frac: 0.4\n")  # a file shadows the shipped name
+    assert recipe_config("recipes/pb-llm-10.yaml").salient_frac == 0.3
+    assert recipe_config("pb-llm-20").salient_frac == 0.4
+
+
+@pytest.mark.parametrize("recipe,hint", [
+    ("pb-llm-11", " (did you mean pb-llm-10 or pb-llm-50?)"),
+    ("recipes/pb-llm-10.yaml", " (did you mean pb-llm-10?)"),  # the checkout's path, from another folder
+    ("nothing-like-it", ""),
+])
+def test_an_unknown_recipe_lists_the_shipped_ones(tmp_path, monkeypatch, recipe, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LlmbinError) as info:
+        find_recipe(recipe)
+    folder = RECIPES[0].parent
+    assert str(info.value) == (f"recipe {recipe} is neither a file nor a shipped recipe{hint}; the shipped recipes, in "
+                               f"{folder}, are named without a path: {', '.join(sorted(p.stem for p in RECIPES))}")

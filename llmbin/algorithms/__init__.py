@@ -1,2 +1,2 @@
-"""Numeric algorithms as pure tensor functions. Importing this package registers every method."""
-from . import billm, dbllm, pbllm, rtn, uniform  # noqa: F401
+"""Numeric algorithms as pure tensor functions ``(W, H, config) -> PackedWeight``: no modules, hooks or
+devices. ``llmbin.registry`` maps each method's config to its function."""

@@ -11,8 +11,10 @@ Per block of ``blocksize`` columns, as the GPTQ loop reaches it:
    ``μ + α`` with row times column scales ``α_r·β_c``.
 
 The GPTQ loop then quantizes each column to the nearest level its class allows (the class
-bit is free per weight, so the split is re-decided with the error feedback applied), and
-ARB-X re-solves all scales for least Hessian-weighted error at the end. Stored as two planes:
+bit is free per weight, so the split is re-decided with the error feedback applied). ARB-X
+(``recipes/arb-x.yaml``) is BiLLM with 15 refinement rounds and the scale refit stage
+(``refit_scales``), which re-solves all scales for least Hessian-weighted error after this
+function, as for any method (``algorithms.layer``). Stored as two planes:
 plane 0 is the sign, plane 1 is the class bit in ordinary columns and the residual sign in
 salient columns; a per-column mask marks salient columns. Every bit of that is counted.
 """
@@ -20,13 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ARBRCConfig, ARBXConfig, BiLLMConfig
+from ..config import ARBRCConfig, BiLLMConfig
 from ..packing.packed_weight import PackedWeight, stored_float
-from ..registry import register_method
 from .gptq import gptq_reconstruct
-from .hessian import damped_hessian, prepared_inverse
-from .levels import argmin0, refine_fit, residual_fit, sign_patterns
-from .refit import refit_scales
+from .hessian import prepared_inverse
+from .levels import argmin0, residual_fit, sign_patterns
+from .scales import rc_fit, refine_fit
 
 CONC, SPARSE, SALIENT = 0, 1, 2
 TERMS = ((0, CONC), (0, SPARSE), (0, SALIENT), (1, SALIENT))  # α slots: one per class, plus the residual
@@ -73,36 +74,8 @@ def _one_plane_error(W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return ((c * c).sum(-1) - n * a * a).sum(-1)
 
 
-def rc_fit(W: torch.Tensor, keep: torch.Tensor, P: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ARB-RC: ``Σ_p α_p[row]·β_p[col]·s_p`` over ``keep`` (no mean). Residual initialisation,
-    then alternating least squares of each plane's row scales, column scales, and the signs."""
-    k = keep.to(W.dtype).expand_as(W)
-    r, alphas, betas, signs = W * k, [], [], []
-    for _ in range(P):
-        s = torch.where(r >= 0, 1.0, -1.0)
-        a = (r.abs() * k).sum(1) / k.sum(1).clamp_min(1)
-        b = (r.abs() / a.clamp_min(1e-12)[:, None] * k).sum(0) / k.sum(0).clamp_min(1)
-        r = r - a[:, None] * b[None] * s * k
-        alphas, betas, signs = alphas + [a], betas + [b], signs + [s]
-    patterns = sign_patterns(P, W.dtype, W.device)
-    for _ in range(iters):
-        for p in range(P):
-            target = (W - sum(alphas[q][:, None] * betas[q][None] * signs[q] for q in range(P) if q != p)) * k
-            c = betas[p][None] * signs[p] * k
-            den = (c * c).sum(1)
-            alphas[p] = torch.where(den > 0, (c * target).sum(1) / den.clamp_min(1e-30), alphas[p])
-            c = alphas[p][:, None] * signs[p] * k
-            den = (c * c).sum(0)
-            betas[p] = torch.where(den > 0, (c * target).sum(0) / den.clamp_min(1e-30), betas[p])
-        mags = torch.stack([a[:, None] * b[None] for a, b in zip(alphas, betas)])  # (P, N, b)
-        levels = torch.einsum("lp,pnk->lnk", patterns, mags)
-        best = argmin0((W[None] - levels).abs())
-        signs = list(patterns[best].permute(2, 0, 1))
-    return torch.stack(alphas), torch.stack(betas)
-
-
 def mean_and_row_scale(W: torch.Tensor, keep: torch.Tensor, planes: int, refine_iters: int):
-    """BiLLM / ARB-X class code ``μ_r + Σ α_r s``: closed form, then ARB's alternating refinement."""
+    """BiLLM's class code ``μ_r + Σ α_r s``: closed form, then ARB's alternating refinement."""
     m, a, _ = residual_fit(W, keep, planes)
     if refine_iters:
         m, a = refine_fit(W, keep, m, a, refine_iters)
@@ -141,14 +114,11 @@ def fit_block(W: torch.Tensor, saliency: torch.Tensor, config: BiLLMConfig, fit_
     return {"salient": salient, "mu": stored_float(mu), "alpha": stored_float(alpha), "beta": stored_float(beta)}
 
 
-@register_method(BiLLMConfig)
-@register_method(ARBXConfig)
 def billm_quantize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig) -> PackedWeight:
-    """BiLLM and ARB-X: each class coded as a mean plus row scales."""
+    """BiLLM (and ARB-X, its recipe): each class coded as a mean plus row scales."""
     return structured_binarize(W, H, config, mean_and_row_scale, column_scales=False)
 
 
-@register_method(ARBRCConfig)
 def arb_rc_quantize(W: torch.Tensor, H: torch.Tensor, config: ARBRCConfig) -> PackedWeight:
     """ARB-RC: each class coded with row times column scales, no mean."""
     return structured_binarize(W, H, config, row_and_column_scales, column_scales=True)
@@ -193,7 +163,6 @@ def structured_binarize(W: torch.Tensor, H: torch.Tensor, config: BiLLMConfig, f
         return levels.gather(0, best[None])[0]
 
     gptq_reconstruct(W, U, quantize_column, bs, begin_block)
-    packed = PackedWeight.from_codes(bits, alpha, None if column_scales else mu, bs, terms=TERMS,
-                                     means=() if column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
-                                     column_mask=salient, col_scale=beta if column_scales else None)
-    return refit_scales(packed, W, damped_hessian(H, config.percdamp)) if config.refit_scales else packed
+    return PackedWeight.from_codes(bits, alpha, None if column_scales else mu, bs, terms=TERMS,
+                                   means=() if column_scales else (CONC, SPARSE, SALIENT), class_plane=1,
+                                   column_mask=salient, col_scale=beta if column_scales else None)

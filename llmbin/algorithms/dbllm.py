@@ -4,8 +4,10 @@ FDB writes a 2-bit weight as two binary planes, ``ŵ = α₁b₁ + α₂b₂ + c
 initialised from the 2-bit uniform quantizer and with the two scales then free. Here that is
 stored in the format's ±1 form, ``ŵ = μ + α₁'s₁ + α₂'s₂`` (``α' = α/2``, ``μ = c + (α₁+α₂)/2``),
 and the scales and planes are refined by alternating least squares before the GPTQ loop
-assigns each weight its nearest of the four levels with error feedback. The distillation
-stage (``distill``) lives in ``llmbin.distill``.
+assigns each weight its nearest of the four levels with error feedback. The scale refit
+(``refit_scales``, on by default for DB-LLM) and the distillation (``distill``) are stages that
+the pipeline applies around this function, as for any method: ``algorithms.layer`` and
+``llmbin.distill``.
 """
 from __future__ import annotations
 
@@ -13,11 +15,10 @@ import torch
 
 from ..config import DBLLMConfig
 from ..packing.packed_weight import PackedWeight, stored_float
-from ..registry import register_method
 from .grouped import reconstruct_levels
-from .hessian import damped_hessian, prepared_inverse
-from .levels import nearest_signs, refine_fit, uniform_init
-from .refit import refit_scales
+from .hessian import prepared_inverse
+from .levels import nearest_signs, uniform_init
+from .scales import refine_fit
 
 
 def fit_dual(W: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,11 +27,9 @@ def fit_dual(W: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     return stored_float(mu), stored_float(alpha)
 
 
-@register_method(DBLLMConfig)
 def dbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: DBLLMConfig) -> PackedWeight:
     H = H.float()
     W, U = prepared_inverse(W.float(), H, config.percdamp)
     nearest = lambda w, mu, alpha: nearest_signs(w[:, None], mu, alpha)[:, :, 0]  # noqa: E731
-    packed = reconstruct_levels(W, U, 2, config.group_size, config.blocksize,
-                                lambda Wg: fit_dual(Wg, config.refine_iters), nearest)
-    return refit_scales(packed, W, damped_hessian(H, config.percdamp)) if config.refit_scales else packed
+    return reconstruct_levels(W, U, 2, config.group_size, config.blocksize,
+                              lambda Wg: fit_dual(Wg, config.refine_iters), nearest)

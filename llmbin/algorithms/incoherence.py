@@ -4,17 +4,15 @@ With orthogonal ``T`` (input side) and ``S`` (output side), the layer ``y = W·x
 ``y = Sᵀ·(S·W·Tᵀ)·(T·x)``. The method binarizes ``W' = S·W·Tᵀ`` against the Hessian of its
 inputs ``T·x``, ``H' = T·H·Tᵀ``; the layer-output error ``tr(E·H·Eᵀ)`` is the same in both bases,
 so every method's objective is unchanged while the rotated weights have no outlier rows or
-columns to waste a scale on. The packed result records the seeds (``PackedWeight.rotation``).
+columns to waste a scale on. The packed result records the seeds (``PackedWeight.rotation``);
+the layer pipeline (``algorithms.layer``) applies the rotation around the method's function.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
 from ..config import QuantConfig
 from ..errors import LlmbinError
-from ..packing.packed_weight import PackedWeight
 from ..packing.rotation import LayerRotation, layer_seed, split_size
 
 
@@ -57,12 +55,3 @@ def rotate_problem(W: torch.Tensor, H: torch.Tensor, rotation: LayerRotation) ->
         W = S.apply(W.T).T.contiguous()
     H = T.apply(T.apply(H.float()).T)  # rows of H: H·Tᵀ; rows of its transpose T·H: T·H·Tᵀ
     return W, (H + H.T) / 2  # symmetric to the last bit, as Cholesky-based methods expect
-
-
-def quantize_rotated(method, W: torch.Tensor, H: torch.Tensor, config: QuantConfig,
-                     rotation: LayerRotation | None) -> PackedWeight:
-    """``method(W, H, config)``, in the basis ``rotation`` gives (or as is, without one)."""
-    if rotation is None:
-        return method(W, H, config)
-    Wr, Hr = rotate_problem(W, H, rotation)
-    return replace(method(Wr, Hr, config), rotation=rotation)

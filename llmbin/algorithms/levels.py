@@ -1,9 +1,9 @@
 """Multi-plane binary codes ``ŵ = μ + Σ_p α_p·s_p``, ``s_p ∈ {−1, +1}``, per row.
 
 With P planes a row has 2^P levels. PB-LLM and BiLLM's non-salient part use P = 1; BiLLM's
-residual (salient) binarization and DB-LLM's dual binarization use P = 2. Fitting alternates
-closed-form least squares for (μ, α) with re-assigning every weight to its nearest level,
-which is ARB-LLM's alternating refinement (and Lloyd's algorithm on a constrained codebook).
+residual (salient) binarization and DB-LLM's dual binarization use P = 2. Here are the codes'
+levels, nearest-level signs and closed-form initial scales; refining the scales (ARB-LLM's
+alternating refinement, Lloyd's algorithm on a constrained codebook) is in ``algorithms.scales``.
 """
 from __future__ import annotations
 
@@ -60,40 +60,6 @@ def residual_fit(W: torch.Tensor, keep: torch.Tensor, P: int) -> tuple[torch.Ten
         r = r - (m[..., None] + a[..., None] * torch.where(centred >= 0, 1.0, -1.0)) * keep
         mu, alphas = mu + m, alphas + [a]
     return mu, torch.stack(alphas), r
-
-
-def solve_scales(W: torch.Tensor, keep: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares ``(μ, α)`` per row for fixed signs over ``keep``; rows whose system is singular
-    (too few or degenerate members) come back NaN."""
-    k = keep.to(W.dtype)
-    basis = torch.cat([k.unsqueeze(0), signs * k], dim=0)  # (P+1, N, K)
-    A = torch.einsum("pnk,qnk->npq", basis, basis).double()
-    b = torch.einsum("pnk,nk->np", basis, W).double()
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    scale = A.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
-    L, info = torch.linalg.cholesky_ex(A + 1e-10 * scale * eye)
-    x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
-    cond_ok = (info == 0) & (torch.linalg.det(A / scale).abs() > 1e-9)
-    x = torch.where(cond_ok[:, None], x, torch.nan).to(W.dtype)
-    return x[:, 0], x[:, 1:].t()
-
-
-def refine_fit(W: torch.Tensor, keep: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor,
-               iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternate nearest-level signs and least-squares scales for up to ``iters`` rounds
-    (stops when no sign changes). Each round lowers the squared error over ``keep``; rows whose
-    least-squares system is singular keep their previous scales."""
-    previous = None
-    for _ in range(iters):
-        signs = nearest_signs(W, mu, alpha)
-        if previous is not None and torch.equal(signs, previous):
-            break
-        previous = signs
-        new_mu, new_alpha = solve_scales(W, keep, signs)
-        ok = torch.isfinite(new_mu) & torch.isfinite(new_alpha).all(dim=0)
-        mu = torch.where(ok, new_mu, mu)
-        alpha = torch.where(ok[None], new_alpha, alpha)
-    return mu, alpha
 
 
 def uniform_init(W: torch.Tensor, keep: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:

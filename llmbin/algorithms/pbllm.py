@@ -1,7 +1,10 @@
 """PB-LLM (Shang et al.): partial binarization with Hessian-guided reconstruction.
 
 A fraction of the weights (the salient ones) is kept at ``salient_bits`` per output channel,
-the rest is binarized to ``μ ± α`` per row; all of it goes through the one GPTQ loop.
+the rest is binarized to ``μ ± α`` per row; all of it goes through the one GPTQ loop. The
+binarized scales are fitted by ``scales.refine_fit``, then searched per row through the GPTQ
+passes (``scales.row_scale_search``); the scale refit after this function (``refit_scales``,
+on by default for PB-LLM) is the pipeline's stage, as for any method (``algorithms.layer``).
 """
 from __future__ import annotations
 
@@ -10,12 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import PBLLMConfig
-from ..registry import register_method
 from ..packing.packed_weight import STORAGE_DTYPE, PackedWeight, stored_float
 from .gptq import gptq_reconstruct_scored
-from .hessian import act_order, damped_hessian, permute_hessian, prepared_inverse
-from .levels import refine_fit
-from .refit import refit_scales
+from .hessian import act_order, permute_hessian, prepared_inverse
+from .scales import refine_fit, row_scale_search
 
 
 def salient_mask(W: torch.Tensor, Hinv_upper: torch.Tensor, frac: float, metric: str) -> torch.Tensor:
@@ -41,19 +42,10 @@ def symmetric_scale(W: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Ten
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def scale_shrinks(candidates: int) -> list[float]:
-    """The factors γ tried on the least-squares α: ``candidates`` evenly spaced in [0.5, 1] (1 alone if off).
-    Plain floats, not a tensor: nothing here may land on the default device."""
-    if candidates <= 1:
-        return [1.0]
-    return [0.5 + 0.5 * i / (candidates - 1) for i in range(candidates)]
-
-
 @dataclass
 class _Reconstruction:
     """One column order's result, in the caller's column order: the quantized ``Q``, the salient
     ``mask`` and its per-row ``sigma``, the binarized ``mu ± alpha``, and the total error left."""
-    W: torch.Tensor
     Q: torch.Tensor
     mask: torch.Tensor
     sigma: torch.Tensor
@@ -85,28 +77,18 @@ def _reconstruct(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig, perm: to
             return torch.where(mask[:, j], salient, binary)
         return quantize_column
 
-    # The least-squares α fits W, but GPTQ feeds each column's error into the next ones, and a
-    # smaller α often leaves less to carry (up to a third less layer error on SmolLM2's o_proj and
-    # last down_proj). Rows are independent in GPTQ, so each row keeps the γ·α whose pass left
-    # it the least Hessian-weighted error: one GPTQ pass per candidate.
-    Q = error = None
-    for shrink in scale_shrinks(config.scale_search if keep.any() else 0):
-        scaled = stored_float(alpha * shrink)
-        Q_try, error_try = gptq_reconstruct_scored(W, U, quantizer(scaled), config.blocksize)
-        if Q is None:
-            Q, error, chosen = Q_try, error_try, scaled
-            continue
-        better = error_try < error
-        Q[better], error[better], chosen[better] = Q_try[better], error_try[better], scaled[better]
-        del Q_try
+    # each row keeps the γ·α whose GPTQ pass left it the least Hessian-weighted error (U bound as an
+    # argument, so that deleting it below frees it once the search is done)
+    Q, error, chosen = row_scale_search(
+        alpha, config.scale_search if keep.any() else 0,
+        lambda scaled, U=U: gptq_reconstruct_scored(W, U, quantizer(scaled), config.blocksize))
     del U
     if perm is not None:
         inverse = torch.argsort(perm)
-        W, Q, mask = W[:, inverse], Q[:, inverse], mask[:, inverse]
-    return _Reconstruction(W, Q, mask, sigma, mu, chosen, error.sum().item())
+        Q, mask = Q[:, inverse], mask[:, inverse]
+    return _Reconstruction(Q, mask, sigma, mu, chosen, error.sum().item())
 
 
-@register_method(PBLLMConfig)
 def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> PackedWeight:
     H, W = H.float(), W.float()
     best = _reconstruct(W, H, config, None)
@@ -121,8 +103,6 @@ def pbllm_quantize(W: torch.Tensor, H: torch.Tensor, config: PBLLMConfig) -> Pac
         del other
     ints = torch.round(best.Q / best.sigma[:, None]).to(torch.int16)  # |q| <= 127: int16, not int64, at 70B sizes
     bits = torch.where(best.mask, ints > 0, best.Q > best.mu[:, None]).unsqueeze(0)  # salient: the value's sign; else the level taken
-    packed = PackedWeight.from_codes(bits, best.alpha[None, :, None], best.mu[None, :, None], W.shape[1], salient_mask=best.mask,
-                                     salient_mag=ints.abs(), salient_scale=best.sigma, salient_bits=config.salient_bits)
-    if config.refit_scales and config.salient_frac < 1:
-        packed = refit_scales(packed, best.W, damped_hessian(H, config.percdamp))
-    return packed
+    return PackedWeight.from_codes(bits, best.alpha[None, :, None], best.mu[None, :, None], W.shape[1],
+                                   salient_mask=best.mask, salient_mag=ints.abs(), salient_scale=best.sigma,
+                                   salient_bits=config.salient_bits)

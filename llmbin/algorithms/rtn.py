@@ -5,10 +5,8 @@ import torch
 
 from ..config import RTNSignConfig
 from ..packing.packed_weight import PackedWeight
-from ..registry import register_method
 
 
-@register_method(RTNSignConfig)
 def rtn_sign_quantize(W: torch.Tensor, H: torch.Tensor, config: RTNSignConfig) -> PackedWeight:
     W = W.float()
     alpha = W.abs().mean(dim=1)

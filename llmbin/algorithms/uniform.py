@@ -10,7 +10,6 @@ import torch
 
 from ..config import GPTQConfig
 from ..packing.packed_weight import PackedWeight, stored_float
-from ..registry import register_method
 from .grouped import reconstruct_levels
 from .hessian import prepared_inverse
 
@@ -35,7 +34,6 @@ def round_to_grid(w: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> tor
     return torch.stack([((q >> p) & 1) * 2.0 - 1 for p in range(bits)])
 
 
-@register_method(GPTQConfig)
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> PackedWeight:
     W, U = prepared_inverse(W.float(), H.float(), config.percdamp)
     return reconstruct_levels(W, U, config.bits, config.group_size, config.blocksize,

@@ -13,15 +13,9 @@ LOCAL_FILES = {
 
 
 def local_data_dir() -> Path | None:
-    """``$LLMBIN_DATA`` if set, else ``../shared/data`` next to the working directory or this checkout."""
+    """``$LLMBIN_DATA``: a folder of local copies laid out as ``LOCAL_FILES`` says, or None."""
     env = os.environ.get("LLMBIN_DATA")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
+    return Path(env) if env else None
 
 
 def local_file(dataset: str, purpose: str) -> Path | None:

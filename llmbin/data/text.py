@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..errors import LlmbinError
-from .paths import local_file
+from .paths import LOCAL_FILES, local_file
 
 DATASETS = ("wikitext2", "c4", "ptb")
 
@@ -60,21 +60,37 @@ def _read_rows(path: Path) -> list[str]:
     raise LlmbinError(f"unsupported data file type {suffix!r} for {path}; use .parquet, .jsonl or .txt")
 
 
-def _from_hub(dataset: str, split: str) -> list[str]:
-    from datasets import load_dataset
+def _from_hub(dataset: str, split: str, purpose: str) -> list[str]:
+    import contextlib
 
+    from ..hub import hub_offline, offline_mode
+
+    offline = hub_offline()  # then only datasets' cache is tried: it would otherwise retry the hub for 30 s
     try:
-        if dataset == "wikitext2":
-            return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-        if dataset == "ptb":
-            return load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
-        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
-        return load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
+        with offline_mode() if offline else contextlib.nullcontext():
+            return _load_from_hub(dataset, split)
     except Exception as exc:  # network, auth or missing data set: all the user can fix the same way
+        option = "--calib-data" if purpose == "calibration" else "--eval-data"
+        local = " or set LLMBIN_DATA to the folder of its local copy" if (dataset, purpose) in LOCAL_FILES else ""
+        if offline:
+            raise LlmbinError(f"{dataset} cannot be downloaded: the Hugging Face hub does not answer (offline) and no "
+                              f"cached copy was found; give a local .parquet/.jsonl/.txt file ({option} PATH){local}"
+                              ) from None
         raise LlmbinError(
             f"could not load {dataset} ({split}) from the Hugging Face hub ({type(exc).__name__}); "
-            "go online, or pass a local file (--calib-data PATH / --eval-data PATH) or set LLMBIN_DATA"
+            f"go online, or pass a local file ({option} PATH){local}"
         ) from None
+
+
+def _load_from_hub(dataset: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    if dataset == "wikitext2":
+        return load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    if dataset == "ptb":
+        return load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+    shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+    return load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"]
 
 
 def dataset_rows(dataset: str, purpose: str) -> list[str]:
@@ -84,7 +100,8 @@ def dataset_rows(dataset: str, purpose: str) -> list[str]:
     local = local_file(dataset, purpose)
     if local is not None:
         return read_text_file(local)
-    return _from_hub(dataset, "train" if purpose == "calibration" else ("validation" if dataset == "c4" else "test"))
+    split = "train" if purpose == "calibration" else ("validation" if dataset == "c4" else "test")
+    return _from_hub(dataset, split, purpose)
 
 
 def join_rows(rows: list[str], dataset: str = "wikitext2") -> str:

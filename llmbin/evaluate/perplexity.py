@@ -32,3 +32,13 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: 
         raise LlmbinError("the model's outputs are NaN or infinite, so its perplexity is undefined; the model or "
                           "checkpoint is broken (check its weights for NaN), re-create it")
     return math.exp(total / windows)
+
+
+def dataset_perplexity(model, tokenizer, dataset: str, *, eval_data: str | None = None, seqlen: int = 2048,
+                       max_windows: int | None = None, progress: bool = True) -> float:
+    """:func:`perplexity` of a data set's test text: ``dataset`` is wikitext2, c4, ptb or a text
+    file; ``eval_data``, a local file holding that data set's text, is read instead if given."""
+    from ..data.text import resolve_text
+
+    ids = tokenizer(resolve_text(eval_data or dataset, "test"), return_tensors="pt").input_ids[0]
+    return perplexity(model, ids, seqlen, max_windows, progress=progress)

@@ -3,10 +3,9 @@ included) wrapped in lm-eval's ``HFLM`` and scored by ``simple_evaluate``; no ta
 re-implemented here.
 
 Task data comes from the hub, or from local copies: ``task_data`` (``--task-data``), else
-``$LLMBIN_TASK_DATA``, else ``zeroshot/`` in the local data folder (``$LLMBIN_DATA`` or
-``../shared/data``). Local copies run the task definitions in ``eval/tasks/``: lm-eval's own
-prompts, choices and metrics over loaders that rebuild the hub's fields (see
-``eval/tasks/offline_data.py``).
+``$LLMBIN_TASK_DATA``, else ``zeroshot/`` in the local data folder (``$LLMBIN_DATA``). Local
+copies run the task definitions in ``llmbin/evaluate/tasks/``: lm-eval's own prompts, choices and
+metrics over loaders that rebuild the hub's fields (see ``tasks/offline_data.py``).
 """
 from __future__ import annotations
 
@@ -20,9 +19,7 @@ from ..errors import LlmbinError
 OFFLINE_TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
 DEFAULT_TASKS = OFFLINE_TASKS
 TASK_DATA_ENV = "LLMBIN_TASK_DATA"
-# A wheel ships the definitions as llmbin/evaluate/tasks/; a checkout keeps them in eval/tasks/.
-TASK_DIR = next((d for d in (Path(__file__).with_name("tasks"), Path(__file__).parents[2] / "eval" / "tasks")
-                 if (d / "offline_data.py").exists()), Path(__file__).parents[2] / "eval" / "tasks")
+TASK_DIR = Path(__file__).with_name("tasks")  # lm-eval task definitions over the local copies
 
 
 def resolve_task_data(task_data: str | os.PathLike | None) -> Path | None:
@@ -33,13 +30,13 @@ def resolve_task_data(task_data: str | os.PathLike | None) -> Path | None:
         if not path.is_dir():
             source = "--task-data" if task_data else f"${TASK_DATA_ENV}"
             raise LlmbinError(f"{source} {path} is not a folder; it should hold {', '.join(_folders())} "
-                              f"(the layout of ../shared/data/zeroshot)")
+                              f"(see llmbin/evaluate/tasks/offline_data.py)")
         return path
     root = local_data_dir()
     return root / "zeroshot" if root is not None and (root / "zeroshot").is_dir() else None
 
 
-# The local files each offline task reads (the layout of ../shared/data/zeroshot).
+# The local files each offline task reads, relative to the task data folder.
 TASK_FILES = {"piqa": ["piqa/valid.jsonl", "piqa/valid-labels.lst"], "arc_easy": ["arc/ARC-Easy-Test.jsonl"],
               "arc_challenge": ["arc/ARC-Challenge-Test.jsonl"],
               "winogrande": ["winogrande/dev.jsonl", "winogrande/dev-labels.lst"],
@@ -54,7 +51,7 @@ def check_task_files(tasks: list[str], data: Path) -> None:
     missing = [f for t in tasks for f in TASK_FILES[t] if not (data / f).is_file()]
     if missing:
         raise LlmbinError(f"the task data folder {data} lacks {', '.join(missing)}; "
-                          "it needs the layout of ../shared/data/zeroshot (see eval/tasks/offline_data.py)")
+                          "it needs the layout that llmbin/evaluate/tasks/offline_data.py reads")
 
 
 def task_manager(data: Path | None):
@@ -107,7 +104,7 @@ def checkpoint_lm(path: str | os.PathLike, *, dtype=None, device: str = "cpu", d
     ``device_map`` lm-eval's own ``parallelize`` placement applies (blocks over GPUs, CPU, disk)."""
     from lm_eval.models.huggingface import HFLM
 
-    from ..checkpoint import check_checkpoint, load_error
+    from ..checkpoint.io import check_checkpoint, load_error
 
     path = check_checkpoint(path)
     try:

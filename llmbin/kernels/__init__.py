@@ -1,44 +1,7 @@
 """Packed-bit matmul: the lowering of every layout to bit products (``plan``), the
-``llmbin::packed_linear`` operator (``ops``) and the C++ CPU kernel's just-in-time build (``cpu``;
-its source is the top-level ``kernels/packed_matmul_cpu.cpp``)."""
-from __future__ import annotations
+``llmbin::packed_linear`` operator (``ops``), the C++ CPU kernel's just-in-time build (``cpu``;
+its source is the top-level ``kernels/packed_matmul_cpu.cpp``) and where the CPU paths switch
+(``tuning``).
 
-import os
-
-import torch
-
-from ..errors import LlmbinError
-from .cpu import extension
-from .ops import packed_linear
-from .plan import KernelPlan, build_plan, plan_decode
-
-KERNEL_MODES = ("auto", "exact", "reference")
-
-
-def kernel_mode() -> str:
-    """``LLMBIN_KERNEL``: ``auto`` (fastest available, the default), ``exact`` (the fastest kernel
-    that is exact in fp32: on CPU the float path, not table lookup) or ``reference`` (plain torch)."""
-    mode = os.environ.get("LLMBIN_KERNEL", "auto").strip().lower() or "auto"
-    if mode not in KERNEL_MODES:
-        raise LlmbinError(f"LLMBIN_KERNEL={mode!r} is not a kernel mode; use one of: {', '.join(KERNEL_MODES)}")
-    return mode
-
-
-def kernel_available(device: torch.device) -> bool:
-    """Whether ``packed_linear`` runs a real kernel (not a dense fallback) on ``device``."""
-    if device.type == "cpu":
-        return extension() is not None
-    return device.type == "cuda"
-
-
-def kernel_path(x: torch.Tensor) -> str | None:
-    """How a layer runs ``x`` (hot path: one environment read): ``None`` for the plain-torch
-    reference, else the ``packed_linear`` path, ``auto`` or ``exact``."""
-    mode = kernel_mode() if os.environ.get("LLMBIN_KERNEL") else "auto"
-    if mode == "reference" or not (extension() is not None if x.is_cpu else x.is_cuda):
-        return None
-    return mode
-
-
-__all__ = ["KERNEL_MODES", "KernelPlan", "build_plan", "kernel_available", "kernel_mode", "kernel_path", "packed_linear",
-           "plan_decode"]
+Each submodule is imported by name (``llmbin.kernels.ops``, ``.plan``, ``.dispatch``, ``.tuning``); this
+``__init__`` imports nothing, so that no submodule's import runs back through it."""

@@ -1,7 +1,9 @@
 """The C++ CPU kernel, compiled just in time on first use and cached per source, torch and Python
-version under ``$LLMBIN_KERNEL_CACHE`` (default ``~/.cache/llmbin/kernels``); a source change or
-a torch upgrade builds a fresh copy instead of loading a stale binary. Without a compiler the
-build fails once, with a one-line warning, and callers use the plain-torch reference path."""
+version under ``$LLMBIN_KERNEL_CACHE`` (default ``~/.cache/llmbin/kernels``); a source change (an
+entry point's arguments included) or a torch upgrade builds a fresh copy instead of loading a
+stale binary, and a loaded build's plan fields are checked against ``KernelPlan``. Without a
+compiler the build fails once, with a one-line warning, and callers use the plain-torch
+reference path."""
 from __future__ import annotations
 
 import contextlib
@@ -78,6 +80,20 @@ def build_lock(directory: Path):
         yield
 
 
+def check_plan_fields(module) -> None:
+    """Refuse a build whose entry points take other plan fields, or another order, than
+    ``KernelPlan`` declares: the C++ source lists them once (``LLMBIN_PLAN_TENSORS``,
+    ``LLMBIN_PLAN_INTS``) and exports them as ``plan_fields()``."""
+    from .plan import PLAN_INTS, PLAN_TENSORS
+
+    expected = (list(PLAN_TENSORS), list(PLAN_INTS))
+    built = tuple(list(names) for names in module.plan_fields())
+    if built != expected:
+        raise RuntimeError(f"llmbin: the C++ kernel ({SOURCES[0].name}) takes the plan fields {built[0]} + {built[1]}, "
+                           f"but KernelPlan (llmbin/kernels/plan.py) has {expected[0]} + {expected[1]}; the two "
+                           "lists must be the same, in the same order")
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled module, or None when it cannot be built here."""
@@ -88,12 +104,14 @@ def extension():
 
         directory = build_directory()
         with build_lock(directory):
-            return cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
-                                      build_directory=str(directory),
-                                      extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                      verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
+            module = cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
+                                        build_directory=str(directory),
+                                        extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                        verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
     except Exception as exc:  # noqa: BLE001 (any build failure means: use the reference path)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"llmbin: the CPU kernel could not be built ({reason}); using the slower plain-torch "
                       "reference path. Install a C++ compiler (g++ or clang) and ninja to get it.", stacklevel=2)
         return None
+    check_plan_fields(module)  # outside the try: a drifted argument list is a bug to report, not a missing compiler
+    return module

@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from .cpu import extension
-from .ops import BAND_BYTES
+from .tuning import TUNING
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-MATVEC_MAX_ROWS = 8  # past this the weight is read once per band anyway and GEMM wins
+# Batches the kernel serves (past them the weight is read once per band anyway and GEMM wins), and
+# the band size: the tuning setting's values (see ``tuning.py``).
+MATVEC_MAX_ROWS, BAND_BYTES = TUNING.half_max_rows, TUNING.band_bytes
 
 
 def half_linear(x: Tensor, weight: Tensor, use_kernel: bool = True) -> Tensor:

@@ -28,6 +28,8 @@ to check a plan against ``PackedWeight.decode``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +49,28 @@ def _mul(a: Poly, b: Poly) -> Poly:
     return {m: c for m, c in out.items() if c != 0.0}
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelPlan:
-    shape: tuple[int, int]  # (N, K)
+    """A layer's lowering, as every kernel entry point takes it.
+
+    The fields below, in this order, are the kernels' one argument list: :meth:`op_args` gives
+    them as two lists, the tensors and the integers, and the ``llmbin::packed_linear`` operator,
+    its fake implementation and the C++ entry points all take those two lists (the Triton kernel
+    takes the plan itself). The C++ extension lists the same names once (``LLMBIN_PLAN_TENSORS``
+    and ``LLMBIN_PLAN_INTS`` in ``packed_matmul_cpu.cpp``) and exports them; ``cpu.extension``
+    refuses a build whose list differs from :data:`PLAN_TENSORS` and :data:`PLAN_INTS`.
+    A plan is immutable (``dataclasses.replace`` makes a changed copy), so those lists are made once.
+    """
+
+    out_features: int  # N
+    in_features: int  # K
     group_size: int  # columns per coefficient group; >= K means one group per row
+    n_bit_products: int  # products with a non-empty plane set (the first n_bit_products of coef)
     planes: torch.Tensor  # uint8 (P, N, row_bytes), the checkpoint's own planes (not copied)
     tiles: torch.Tensor  # uint8 (P, ceil(N / 16), row_bytes / 8, 128): the same bits for table lookup
     colw: torch.Tensor  # float32 (V, row_bytes * 8), zero past K
     prod_var: torch.Tensor  # int32 (NP,) which colw row each product uses
     prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
-    n_bit_products: int  # products with a non-empty plane set
     coef: torch.Tensor  # float32 (NP, N, G)
     # Salient corrections (all empty when there is no salient part), in one of three forms:
     # deltas: sal_rowptr (N + 1,) CSR over rows, sal_val float32 deltas, sal_row empty;
@@ -70,6 +84,15 @@ class KernelPlan:
     sal_val: torch.Tensor  # float32 or uint8 (S,); uint8 planes
     sal_row: torch.Tensor  # float32 (N, 4) or empty
 
+    def __post_init__(self) -> None:
+        # Every call of a layer passes them: built once, here (a frozen plan cannot go stale).
+        object.__setattr__(self, "_op_args", (_tensors_of(self), _ints_of(self)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K): the dense weight's shape."""
+        return self.out_features, self.in_features
+
     @property
     def salient_stream(self) -> bool:
         return self.sal_rowptr.dim() == 2
@@ -78,22 +101,28 @@ class KernelPlan:
     def num_groups(self) -> int:
         return self.coef.shape[-1]
 
-    def op_args(self) -> tuple:
-        """The plan as the ``llmbin::packed_linear`` operator (and the C++ kernel) take it, after ``x``."""
-        return (self.planes, self.tiles, self.colw, self.prod_var, self.prod_mono, self.n_bit_products, self.coef, self.shape[1],
-                self.group_size, self.sal_rowptr, self.sal_col, self.sal_val, self.sal_row)
+    def op_args(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+        """``(tensors, integers)``: the plan as ``llmbin::packed_linear`` and the C++ entry points
+        take it after ``x``, in the order of :data:`PLAN_TENSORS` and :data:`PLAN_INTS`."""
+        return self._op_args
 
     @classmethod
-    def from_op_args(cls, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, K, group_size, sal_rowptr, sal_col,
-                     sal_val, sal_row) -> "KernelPlan":
-        return cls((planes.shape[1], K), group_size, planes, tiles, colw, prod_var, prod_mono, n_bit, coef, sal_rowptr,
-                   sal_col, sal_val, sal_row)
+    def from_op_args(cls, tensors, ints) -> "KernelPlan":
+        """The plan that :meth:`op_args` gave ``(tensors, ints)`` for."""
+        return cls(**dict(zip(PLAN_TENSORS, tensors, strict=True)), **dict(zip(PLAN_INTS, ints, strict=True)))
 
     def nbytes(self) -> int:
         """Memory the plan adds on top of the checkpoint's tensors (its planes; in the stream form, its salient streams)."""
         shared = {"planes"} | ({"sal_col", "sal_val"} if self.salient_stream else set())
-        return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self)
-                   if f.name not in shared and isinstance(getattr(self, f.name), torch.Tensor))
+        return sum(getattr(self, name).nbytes for name in PLAN_TENSORS if name not in shared)
+
+
+# The plan's tensor fields and integer fields, each in declaration order: the two lists of op_args().
+PLAN_TENSORS = tuple(f.name for f in dataclasses.fields(KernelPlan) if f.type == "torch.Tensor")
+PLAN_INTS = tuple(f.name for f in dataclasses.fields(KernelPlan) if f.type == "int")
+if len(PLAN_TENSORS) + len(PLAN_INTS) != len(dataclasses.fields(KernelPlan)):
+    raise TypeError("every KernelPlan field must be a torch.Tensor or an int: the kernels take those two lists")
+_tensors_of, _ints_of = operator.attrgetter(*PLAN_TENSORS), operator.attrgetter(*PLAN_INTS)
 
 
 def tile_planes(planes: torch.Tensor) -> torch.Tensor:
@@ -181,13 +210,13 @@ def build_plan(pw: PackedWeight, *, tiles: bool = True, salient_stream: bool = F
     if colw_rows:
         colw[:, :K] = torch.stack(colw_rows)
     coef = torch.stack([acc[k] for k in keys]) if keys else torch.zeros(0, N, G, device=device)
-    plan = KernelPlan((N, K), pw.group_size, pw.planes,
-                      tile_planes(pw.planes) if tiles else torch.zeros(0, dtype=torch.uint8, device=device), colw,
-                      torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
-                      torch.tensor([m for _, m in keys], dtype=torch.int32, device=device), n_bit,
-                      coef.contiguous(), torch.zeros(0, dtype=torch.int64, device=device),
-                      torch.zeros(0, dtype=torch.int16, device=device), torch.zeros(0, device=device),
-                      torch.zeros(0, 4, device=device))
+    empty = functools.partial(torch.zeros, device=device)
+    plan = KernelPlan(out_features=N, in_features=K, group_size=pw.group_size, n_bit_products=n_bit, planes=pw.planes,
+                      tiles=tile_planes(pw.planes) if tiles else empty(0, dtype=torch.uint8), colw=colw,
+                      prod_var=torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
+                      prod_mono=torch.tensor([m for _, m in keys], dtype=torch.int32, device=device),
+                      coef=coef.contiguous(), sal_rowptr=empty(0, dtype=torch.int64), sal_col=empty(0, dtype=torch.int16),
+                      sal_val=empty(0), sal_row=empty(0, 4))
     if pw.salient is not None:
         stream = salient_stream and pw.salient.encoding == NIBBLE_GAP and _salient_codes_fit(plan, pw)
         plan = _with_salient_stream(plan, pw) if stream else _with_salient(plan, pw)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..kernels.ops import LUT_MAX_WORK
+from ..kernels.dispatch import kernel_path
+from ..kernels.ops import LUT_MAX_WORK, packed_linear
+from ..kernels.plan import KernelPlan, build_plan
 from ..packing.packed_weight import PackedWeight
 from ..packing.rotation import OrthogonalTransform
 
@@ -29,8 +30,8 @@ class BinaryLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.dense_cache = False  # decode once and keep the dense weight (evaluation speed, not memory)
         self._dense: torch.Tensor | None = None
-        self._plan: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, full plan)
-        self._light: tuple[tuple, kernels.KernelPlan] | None = None  # (buffer versions, light plan)
+        self._plan: tuple[tuple, KernelPlan] | None = None  # (buffer versions, full plan)
+        self._light: tuple[tuple, KernelPlan] | None = None  # (buffer versions, light plan)
         self._transforms: dict[tuple, tuple[OrthogonalTransform, OrthogonalTransform | None]] = {}
 
     @classmethod
@@ -45,7 +46,7 @@ class BinaryLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight.from_tensors(dict(self.named_buffers(recurse=False)), "", self.layout, validate=False)
 
-    def kernel_plan(self, rows: int | None = None) -> kernels.KernelPlan:
+    def kernel_plan(self, rows: int | None = None) -> KernelPlan:
         """The kernel's lowering of this layer, built once and rebuilt only if a buffer changes
         (moved to another device, or loaded into in place).
 
@@ -61,9 +62,9 @@ class BinaryLinear(nn.Module):
             return self._plan[1]
         if rows is not None and rows > LUT_MAX_WORK and self.weight.is_cpu:
             if self._light is None or self._light[0] != key:
-                self._light = (key, kernels.build_plan(self.packed(), tiles=False, salient_stream=True))
+                self._light = (key, build_plan(self.packed(), tiles=False, salient_stream=True))
             return self._light[1]
-        self._plan, self._light = (key, kernels.build_plan(self.packed())), None
+        self._plan, self._light = (key, build_plan(self.packed())), None
         return self._plan[1]
 
     def _apply(self, fn, recurse=True):
@@ -84,11 +85,11 @@ class BinaryLinear(nn.Module):
         return self._transforms[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = None if self.dense_cache else kernels.kernel_path(x)
+        path = None if self.dense_cache else kernel_path(x)
         if path is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._trains_scales())):
             # rotated: y = Sᵀ·(Ŵ'·(T·x)); the kernel only ever sees the stored codes' matrix Ŵ'
             T, S = self.transforms(x)
-            y = kernels.packed_linear(x if T is None else T.apply(x), self.kernel_plan(x.numel() // self.in_features), path)
+            y = packed_linear(x if T is None else T.apply(x), self.kernel_plan(x.numel() // self.in_features), path)
             y = y if S is None else S.apply_transpose(y)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from ..kernels.dispatch import kernel_path
 from ..kernels.half import HALF_DTYPES, half_linear
+from .tree import set_submodule
 
 
 class HalfWeightLinear(nn.Linear):
@@ -29,7 +30,7 @@ class HalfWeightLinear(nn.Linear):
         needs_autograd = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)  # the kernels have no backward
         if x.dtype != torch.float32 or w.dtype not in HALF_DTYPES or needs_autograd:
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        y = half_linear(x, w, use_kernel=kernels.kernel_path(x) is not None)
+        y = half_linear(x, w, use_kernel=kernel_path(x) is not None)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -86,8 +87,6 @@ def half_weight_skeleton(model: nn.Module, stored_half: set[str], storage_dtype:
 
 def _swap_half(model: nn.Module, half_of) -> int:
     """Swap each plain linear / embedding for which ``half_of(name, module)`` gives a 16-bit weight."""
-    from ..models import set_submodule  # models imports this package
-
     swapped, served = 0, {}
     modules = list(model.named_modules())
     for name, module in modules:

@@ -2,8 +2,8 @@ import torch
 
 from llmbin.algorithms.gptq import gptq_reconstruct, gptq_reconstruct_scored
 from llmbin.algorithms.hessian import inverse_cholesky, prepare_hessian
-from llmbin.algorithms.levels import refine_fit
 from llmbin.algorithms.metrics import hessian_weighted_error, sqnr_db
+from llmbin.algorithms.scales import refine_fit
 
 
 def test_identity_format_reproduces_the_weights(layer_problem):

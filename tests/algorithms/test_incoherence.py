@@ -3,13 +3,14 @@ and it pays where the Hessian is uneven (the case QuIP's analysis covers)."""
 import pytest
 import torch
 
-from llmbin.algorithms.incoherence import check_rotatable, layer_rotation, quantize_rotated, rotate_problem
-from llmbin.errors import LlmbinError
+from llmbin.algorithms.incoherence import check_rotatable, layer_rotation, rotate_problem
+from llmbin.algorithms.layer import quantize_layer
 from llmbin.algorithms.metrics import hessian_weighted_error
+from llmbin.config import make_config
+from llmbin.errors import LlmbinError
 from llmbin.packing.packed_weight import PackedWeight
 from llmbin.packing.rotation import LayerRotation
-from llmbin.registry import make_config, method_function
-
+from llmbin.registry import method_function
 from tests.algorithms.test_methods import SETTINGS
 
 ROTATIONS = [LayerRotation(11), LayerRotation(11, 12)]
@@ -33,7 +34,7 @@ def test_every_method_runs_rotated_and_its_dense_weight_is_in_the_models_basis(m
     W, H = layer_problem
     config = make_config(method, **options)
     rotation = ROTATIONS[1]
-    packed = quantize_rotated(method_function(config), W, H, config, rotation)
+    packed = quantize_layer(method_function(config), W, H, config, rotation)
     assert packed.rotation == rotation
     Wr, Hr = rotate_problem(W, H, rotation)
     assert hessian_weighted_error(W, packed.dense(), H) == pytest.approx(
@@ -49,9 +50,9 @@ def test_rotation_lowers_the_error_of_hessian_guided_methods_on_an_uneven_hessia
     W, H = layer_problem  # inputs scaled 0.1 … 4 and correlated: H is far from incoherent
     config = make_config(method, **options)
     fn = method_function(config)
-    plain = hessian_weighted_error(W, fn(W, H, config).decode(), H)
+    plain = hessian_weighted_error(W, quantize_layer(fn, W, H, config).decode(), H)
     for rotation in ROTATIONS:
-        rotated = hessian_weighted_error(W, quantize_rotated(fn, W, H, config, rotation).dense(), H)
+        rotated = hessian_weighted_error(W, quantize_layer(fn, W, H, config, rotation).dense(), H)
         assert rotated < 0.8 * plain
 
 

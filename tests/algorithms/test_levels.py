@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from llmbin.algorithms.levels import (argmin0, compose, nearest_signs, refine_fit, residual_fit, sign_patterns,
-                                      squared_error, uniform_init)
+from llmbin.algorithms.levels import (
+    argmin0,
+    compose,
+    nearest_signs,
+    residual_fit,
+    sign_patterns,
+    squared_error,
+    uniform_init,
+)
+from llmbin.algorithms.scales import refine_fit
 
 
 def test_sign_patterns_enumerate_planes_as_bits():

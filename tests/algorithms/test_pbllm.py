@@ -3,12 +3,13 @@ import torch
 
 from llmbin.algorithms.gptq import gptq_reconstruct
 from llmbin.algorithms.hessian import act_order, inverse_cholesky, permute_hessian, prepare_hessian
-from llmbin.algorithms.levels import compose, nearest_signs, refine_fit
+from llmbin.algorithms.layer import quantize_layer
+from llmbin.algorithms.levels import compose, nearest_signs
 from llmbin.algorithms.metrics import hessian_weighted_error
 from llmbin.algorithms.pbllm import pbllm_quantize, salient_mask
-from llmbin.config import PBLLMConfig
+from llmbin.algorithms.scales import refine_fit
+from llmbin.config import PBLLMConfig, make_config
 from llmbin.errors import LlmbinError
-from llmbin.registry import make_config
 
 
 def _gptq_int8_error(W, H):
@@ -41,8 +42,8 @@ def test_error_falls_as_the_salient_fraction_grows(layer_problem):
 
 def test_refit_of_scales_lowers_the_hessian_weighted_error(layer_problem):
     W, H = layer_problem
-    plain = pbllm_quantize(W, H, PBLLMConfig(refit_scales=False)).decode()
-    refit = pbllm_quantize(W, H, PBLLMConfig(refit_scales=True)).decode()
+    plain = quantize_layer(pbllm_quantize, W, H, PBLLMConfig(refit_scales=False)).decode()
+    refit = quantize_layer(pbllm_quantize, W, H, PBLLMConfig(refit_scales=True)).decode()
     assert hessian_weighted_error(W, refit, H) < hessian_weighted_error(W, plain, H)
 
 
@@ -113,5 +114,5 @@ def test_invalid_options_are_rejected(options, match):
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(LlmbinError, match="available: arb-rc, arb-x, billm, db-llm, gptq, pb-llm, rtn-sign"):
+    with pytest.raises(LlmbinError, match="available: arb-rc, billm, db-llm, gptq, pb-llm, rtn-sign"):
         make_config("billm-xxl")

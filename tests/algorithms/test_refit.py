@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmbin.algorithms.metrics import hessian_weighted_error
-from llmbin.algorithms.refit import refit_scales
+from llmbin.algorithms.scales import refit_scales
 from llmbin.packing.packed_weight import PackedWeight
 
 
@@ -45,7 +45,7 @@ def test_one_group_one_plane_refit_is_the_closed_form_2x2_solution(layer_problem
 def test_refit_in_row_and_column_chunks_equals_one_pass(monkeypatch, group):
     """Big layers refit over chunks of rows and of H's columns (bounded memory), salient values
     included; the result agrees with the one-pass solve to float64 rounding."""
-    import llmbin.algorithms.refit as refit
+    import llmbin.algorithms.scales as scales
 
     g = torch.Generator().manual_seed(3)
     N, K = 50, 130
@@ -56,7 +56,7 @@ def test_refit_in_row_and_column_chunks_equals_one_pass(monkeypatch, group):
                                  group, salient_mask=mask, salient_mag=torch.randint(0, 127, (N, K), generator=g),
                                  salient_scale=torch.full((N,), 0.01))
     one_pass = refit_scales(pw, W, H)
-    monkeypatch.setattr(refit, "REFIT_CHUNK_BYTES", 8 * K * 30)  # chunks of 30 rows and 30 columns
+    monkeypatch.setattr(scales, "REFIT_CHUNK_BYTES", 8 * K * 30)  # chunks of 30 rows and 30 columns
     chunked = refit_scales(pw, W, H)
     assert torch.equal(one_pass.alpha, chunked.alpha) and torch.equal(one_pass.mu, chunked.mu)
     assert hessian_weighted_error(W, chunked.decode(), H) < hessian_weighted_error(W, pw.decode(), H)

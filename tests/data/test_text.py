@@ -1,7 +1,7 @@
 """The hub path (for online users) is exercised with a stand-in for ``datasets.load_dataset``."""
+import datasets
 import pytest
 
-import datasets
 from llmbin.data.text import dataset_rows
 from llmbin.errors import LlmbinError
 
@@ -11,6 +11,15 @@ def no_local_copy(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMBIN_DATA", str(tmp_path))
 
 
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """The hub answers the probe (as for an online user), whatever this machine's network."""
+    import llmbin.hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(llmbin.hub, "hub_reachable", lambda endpoint: True)
+
+
 @pytest.mark.parametrize("name,purpose,expected", [
     ("wikitext2", "calibration", (("wikitext", "wikitext-2-raw-v1"), {"split": "train"})),
     ("wikitext2", "test", (("wikitext", "wikitext-2-raw-v1"), {"split": "test"})),
@@ -18,20 +27,50 @@ def no_local_copy(monkeypatch, tmp_path):
     ("c4", "calibration", (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"},
                                              "split": "train"})),
 ])
-def test_hub_requests(no_local_copy, monkeypatch, name, purpose, expected):
+def test_hub_requests(no_local_copy, hub_answers, monkeypatch, name, purpose, expected):
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or {"text": ["t"], "sentence": ["s"]})
     assert dataset_rows(name, purpose) in (["t"], ["s"])
     assert calls == [expected]
 
 
-def test_unreachable_hub_gets_a_clear_error(no_local_copy, monkeypatch):
+def test_unreachable_hub_gets_a_clear_error(no_local_copy, hub_answers, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(LlmbinError, match="go online, or pass a local file"):
+    with pytest.raises(LlmbinError) as info:
         dataset_rows("wikitext2", "test")
+    assert str(info.value) == ("could not load wikitext2 (test) from the Hugging Face hub (ConnectionError); go online, "
+                               "or pass a local file (--eval-data PATH) or set LLMBIN_DATA to the folder of its local copy")
+
+
+@pytest.mark.parametrize("how", ["environment", "probe"])
+def test_offline_only_the_cache_is_tried_and_the_error_names_a_local_file(no_local_copy, monkeypatch, how):
+    """Offline, datasets would retry the hub for half a minute: it is put in offline mode (its cache only)."""
+    import huggingface_hub.constants
+
+    import llmbin.hub
+
+    if how == "environment":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(llmbin.hub, "hub_reachable", lambda endpoint: False)
+    modes = []
+
+    def cache_only(*args, **kwargs):
+        modes.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        raise FileNotFoundError("Dataset allenai/c4 is not cached")
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_only)
+    before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    with pytest.raises(LlmbinError) as info:
+        dataset_rows("c4", "calibration")
+    assert str(info.value) == ("c4 cannot be downloaded: the Hugging Face hub does not answer (offline) and no cached "
+                               "copy was found; give a local .parquet/.jsonl/.txt file (--calib-data PATH)")
+    after = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    assert modes == [(True, True)] and after == before  # offline only for that call
 
 
 def _parquet(path, column):

@@ -1,18 +1,17 @@
-"""The offline task definitions in eval/tasks/: every task loads from ../shared/data/zeroshot with
+"""The offline task definitions in llmbin/evaluate/tasks/: every task loads from $LLMBIN_DATA/zeroshot with
 the hub's fields, and its prompt, choices, target and metrics are lm-eval's own."""
 import bz2
 import importlib.util
 import os
 from pathlib import Path
 
+import lm_eval
 import pytest
 import yaml
+from lm_eval.tasks import TaskManager
 
 from llmbin.data.paths import local_data_dir
 from llmbin.evaluate.zeroshot import OFFLINE_TASKS, TASK_DIR
-
-import lm_eval
-from lm_eval.tasks import TaskManager
 
 DATA = local_data_dir() / "zeroshot"
 # task -> (split, examples, choices per example)

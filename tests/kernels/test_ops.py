@@ -6,7 +6,8 @@ import torch
 
 import llmbin.kernels.cpu as cpu_module
 import llmbin.kernels.ops as ops
-from llmbin.kernels import build_plan, packed_linear
+from llmbin.kernels.ops import packed_linear
+from llmbin.kernels.plan import build_plan
 from tests.kernels.conftest import LAYOUTS, LUT_TOL, assert_matches_reference, random_packed
 
 

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+from llmbin.config import available_methods, make_config
 from llmbin.kernels.plan import build_plan, plan_decode, tile_planes
 from llmbin.packing.bitpack import unpack_bits
 from llmbin.packing.packed_weight import PackedWeight
-from llmbin.registry import available_methods, make_config, method_function
+from llmbin.registry import method_function
 from tests.kernels.conftest import LAYOUTS, SHAPES, random_packed
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmbin.packing.rotation import (MAX_ODD_FACTOR, LayerRotation, OrthogonalTransform, layer_seed, split_size)
+from llmbin.packing.rotation import MAX_ODD_FACTOR, LayerRotation, OrthogonalTransform, layer_seed, split_size
 
 SIZES = [1, 2, 3, 12, 96, 576, 1536, 2048]  # odd, powers of two, SmolLM2's 576 = 64·9 and 1536 = 512·3
 

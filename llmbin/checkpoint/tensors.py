@@ -8,7 +8,7 @@ in that file (a checkpoint's shards each describe every layer, as ``save_pretrai
 them). Nothing about the format is encoded in file names.
 
 From version 5 the header also holds ``digests``: a JSON map of tensor name to its digest
-(``llmbin.digests``), covering at least the file's own tensors, plus ``__layers__`` for the layer
+(``llmbin.checkpoint.digests``), covering at least the file's own tensors, plus ``__layers__`` for the layer
 description. Reading verifies the file against it (every byte of its tensors, its header's dtypes
 and shapes, and the layer description) unless verification is switched off
 (``LLMBIN_VERIFY=0``, :func:`verification`). Files of versions 3 and 4 have no digests and are
@@ -27,11 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import LlmbinError
+from ..packing.packed_weight import (
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    STORAGE_DTYPE,
+)
 from .digests import ALGORITHM, file_digests, tensor_digest, text_digest
-from .errors import LlmbinError
-from .outdir import write_error
-from .nn.binary_linear import BinaryLinear
-from .packing.packed_weight import FORMAT_VERSION, READABLE_VERSIONS, STORAGE_DTYPE, PackedWeight
+from .folder import write_error
 
 FORMAT_NAME = "llmbin-packed"
 FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
@@ -65,7 +68,8 @@ def as_stored(value: torch.Tensor) -> torch.Tensor:
     return value.to(STORAGE_DTYPE) if value.is_floating_point() else value
 
 
-def layer_metadata(modules: dict[str, BinaryLinear]) -> dict[str, dict]:
+def layer_metadata(modules: Mapping[str, torch.nn.Module]) -> dict[str, dict]:
+    """Each packed module's layout (``BinaryLinear.layout``), by module name."""
     return {name: m.layout for name, m in modules.items()}
 
 
@@ -167,16 +171,3 @@ def read_tensors(path: Path, names: list[str] | None = None) -> tuple[dict[str, 
         raise LlmbinError(f"{path} is truncated or corrupt ({exc}); re-create the checkpoint with llmbin quantize") from None
     return tensors, layers
 
-
-def modules_from_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, BinaryLinear]:
-    """Build ``BinaryLinear`` modules, consuming their tensors from ``tensors``."""
-    modules = {}
-    for name, meta in layers.items():
-        try:
-            packed = PackedWeight.from_tensors(tensors, name, meta)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise LlmbinError(f"checkpoint layer {name} is damaged ({exc}); re-create the checkpoint") from None
-        for key in packed.tensors(name):
-            del tensors[key]
-        modules[name] = BinaryLinear(packed, tensors.pop(f"{name}.bias", None))
-    return modules

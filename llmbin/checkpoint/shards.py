@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .errors import LlmbinError
-from .storage import write_tensors
+from ..errors import LlmbinError
+from .tensors import write_tensors
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -16,8 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-from ..errors import LlmbinError
-from .zeroshot import prepare_tasks, zero_shot
+from llmbin.errors import LlmbinError
+from llmbin.evaluate.zeroshot import prepare_tasks, zero_shot
 
 FORMAT = 1  # version of the shard JSON below
 
@@ -48,8 +48,8 @@ def model_sha256(model) -> str:
     name (``weight`` since format version 3), so that rename left earlier digests valid."""
     import torch
 
-    from ..nn.binary_linear import BinaryLinear
-    from ..packing.packed_weight import PLANES_NAME
+    from llmbin.nn.binary_linear import BinaryLinear
+    from llmbin.packing.packed_weight import PLANES_NAME
 
     planes = {f"{name}.{PLANES_NAME}" for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
     state = {(k.removesuffix(PLANES_NAME) + "planes" if k in planes else k): v for k, v in model.state_dict().items()}

@@ -22,17 +22,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import LlmbinError
-from .models import set_submodule
-from .nn.binary_linear import BinaryLinear
-from .nn.half_weights import half_weight_skeleton
-from .packing.packed_weight import FORMAT_VERSION, PackedWeight
+from ..dtypes import auto_dtype
+from ..errors import LlmbinError
+from ..nn.binary_linear import BinaryLinear
+from ..nn.half_weights import half_weight_skeleton
+from ..nn.tree import set_submodule
+from ..packing.packed_weight import FORMAT_VERSION, PackedWeight
 from .shards import SAFETENSORS_INDEX, shard_files
-from .storage import STORAGE_DTYPE, as_stored, check_version, file_header, file_metadata
+from .tensors import STORAGE_DTYPE, as_stored, check_version, file_header, file_metadata
 
 QUANT_METHOD = "llmbin"
 logger = logging.get_logger(__name__)
@@ -62,15 +67,17 @@ class LlmbinHfQuantizer(HfQuantizer):
         self._host_only = _host_only(device_map)
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        # A checkpoint stores its floats in fp16, so dtype="auto" (transformers' default) means fp16.
-        # On the CPU that would run every layer in fp16, which CPUs compute slowly and llmbin's
-        # kernels do not target: such a load computes in float32 (exactly what llmbin.quantize
-        # computed). bfloat16 and float32 are kept as asked.
-        if self._host_only and dtype == STORAGE_DTYPE:
+        # A checkpoint stores its floats in fp16, so dtype="auto" (transformers' default) arrives as
+        # fp16 (as does an explicit fp16: the two cannot be told apart here). It gets llmbin's auto
+        # rule: float32 on the CPU (exactly what llmbin.quantize computed), fp16 on a GPU.
+        # bfloat16 and float32 are kept as asked.
+        if dtype != STORAGE_DTYPE:
+            return dtype
+        chosen = auto_dtype(self._host_only, STORAGE_DTYPE)
+        if chosen != dtype:
             logger.info("llmbin: a packed model on the CPU computes in float32 rather than float16 "
                         "(its packed weights and fp16 embeddings stay as stored)")
-            return torch.float32
-        return dtype
+        return chosen
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if not checkpoint_files:
@@ -231,7 +238,10 @@ def _host_only(device_map) -> bool:
 
 def register() -> None:
     """Make ``quant_method: llmbin`` known to transformers (idempotent)."""
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
 
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LlmbinConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)  # a reloaded llmbin replaces its older classes

@@ -37,7 +37,7 @@ def _folder(data_dir: str | os.PathLike | None, sub: str) -> Path:
         raise TaskDataError(f"no local task data folder: pass --task-data DIR or set {ENV}")
     folder = Path(root) / sub
     if not folder.is_dir():
-        raise TaskDataError(f"{folder} does not exist; the task data folder needs {sub}/ (see eval/tasks/offline_data.py)")
+        raise TaskDataError(f"{folder} does not exist; the task data folder needs {sub}/ (see llmbin/evaluate/tasks/offline_data.py)")
     return folder
 
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import zeroshot_shards as shards
 
 from llmbin.errors import LlmbinError
-from llmbin.evaluate import shards
 from llmbin.evaluate.zeroshot import zero_shot
 from tests.conftest import tiny_model
 

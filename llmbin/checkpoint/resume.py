@@ -7,10 +7,13 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .errors import LlmbinError
-from .outdir import write_error
-from .nn.binary_linear import BinaryLinear
-from .storage import file_layers, layer_metadata, modules_from_tensors, read_tensors, write_tensors
+import torch
+
+from ..errors import LlmbinError
+from ..nn.binary_linear import BinaryLinear
+from ..packing.packed_weight import PackedWeight
+from .folder import write_error
+from .tensors import file_layers, layer_metadata, read_tensors, write_tensors
 
 RUN_FILE = "run.json"
 
@@ -137,3 +140,17 @@ class FinishedBlocks(Mapping):
                 for key in f.keys():
                     index[f"{block_prefix}.{i}.{key}"] = {"safetensors_file": str(path), "weight_name": key}
         return index
+
+
+def modules_from_tensors(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[str, BinaryLinear]:
+    """Build ``BinaryLinear`` modules, consuming their tensors from ``tensors``."""
+    modules = {}
+    for name, meta in layers.items():
+        try:
+            packed = PackedWeight.from_tensors(tensors, name, meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise LlmbinError(f"checkpoint layer {name} is damaged ({exc}); re-create the checkpoint") from None
+        for key in packed.tensors(name):
+            del tensors[key]
+        modules[name] = BinaryLinear(packed, tensors.pop(f"{name}.bias", None))
+    return modules

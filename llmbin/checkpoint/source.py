@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import LlmbinError
+from ..errors import LlmbinError
 from .shards import by_file, shard_files
-from .storage import SAFETENSORS_DTYPES
+from .tensors import SAFETENSORS_DTYPES
 
 
 def stored_float_dtype(files: dict[str, Path]) -> torch.dtype | None:

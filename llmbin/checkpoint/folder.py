@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import LlmbinError
+from ..errors import LlmbinError
 
 LOCK_FILE = "lock"
 _held: dict[Path, object] = {}  # work folder -> open lock file of this process

@@ -17,12 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import LlmbinError
+from ..errors import LlmbinError
+from ..nn.binary_linear import BinaryLinear
+from .folder import remove_stale_temporaries, temporary_dir, write_error
 from .hf_quantizer import QUANT_METHOD
-from .outdir import remove_stale_temporaries, temporary_dir, write_error
-from .nn.binary_linear import BinaryLinear
-from .shards import MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX, by_file, shard_files, write_sharded
-from .storage import STORAGE_DTYPE, as_stored, read_tensors, verification
+from .shards import (
+    MAX_SHARD_BYTES,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    by_file,
+    shard_files,
+    write_sharded,
+)
+from .tensors import STORAGE_DTYPE, as_stored, read_tensors, verification
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
@@ -166,6 +173,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     from transformers import AutoConfig
 
     path = Path(path)
+    if path.suffix == ".gguf":
+        raise LlmbinError(f"{path} is a GGUF file, not an llmbin checkpoint folder: to evaluate the original model use "
+                          f"llmbin eval --model {path}")
     if not (path / "config.json").is_file():
         raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE}); "
                           "create one with llmbin quantize")
@@ -175,7 +185,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         raise LlmbinError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0]}); re-create the checkpoint") from None
     qconfig = getattr(config, "quantization_config", None)
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise LlmbinError(f"{path}/config.json has no llmbin quantization_config; create the checkpoint with llmbin quantize")
+        raise LlmbinError(f"{path} is a model folder, not an llmbin checkpoint (its config.json has no llmbin "
+                          f"quantization_config): to evaluate the original model use llmbin eval --model {path}; to "
+                          f"make a checkpoint of it, llmbin quantize --model {path}")
     if not shard_files(path):
         raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE} or "
                           f"{SAFETENSORS_INDEX}); create one with llmbin quantize")
