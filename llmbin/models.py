@@ -184,7 +184,7 @@ def check_memory_for(config, dtype: torch.dtype, model: str) -> None:
     if need > available:
         raise LlmbinError(f"model {model!r} loaded whole needs about {need / 2**30:.1f} GiB ({dtype}), but only "
                           f"{available / 2**30:.1f} GiB is available; use a safetensors folder of the model (streamed "
-                          "one block at a time, see README 'Big models') or a machine with more memory")
+                          "one block at a time, see docs/big-models.md) or a machine with more memory")
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32):
