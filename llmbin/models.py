@@ -113,7 +113,7 @@ def activation_dtype(compute: torch.dtype, stored: torch.dtype | None) -> torch.
 @dataclass
 class OpenedModel:
     """A model ready for the driver: whole in memory (``weights`` None), or a meta-device
-    skeleton whose tensors ``weights`` reads from the safetensors shards on demand."""
+    skeleton whose tensors ``weights`` reads on demand (from the safetensors shards, or the GGUF file)."""
 
     model: nn.Module
     tokenizer: object
@@ -232,34 +232,39 @@ def open_model(model: str, dtype: str | torch.dtype = "auto", device: str | torc
                whole: bool = False) -> OpenedModel:
     """Open a model for block-by-block work. A Hugging Face folder with safetensors weights (or a
     hub id, through its downloaded snapshot) becomes an empty skeleton built on the meta device,
-    its weights read block by block in their stored dtype; GGUF files, and folders with only
-    ``.bin`` weights, are loaded whole (they are small models, or need transformers' converters),
-    as is any model with ``whole`` (distillation trains the whole model)."""
+    its weights read block by block in their stored dtype; a GGUF file likewise, its tensors
+    dequantized one at a time as transformers dequantizes them (:mod:`llmbin.checkpoint.gguf_source`;
+    the few architectures transformers loads through its newer GGUF path are loaded whole).
+    Folders with only ``.bin`` weights are loaded whole, as is any model with ``whole``
+    (distillation trains the whole model)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint.gguf_source import gguf_weights, streamable
     from .checkpoint.shards import shard_files
     from .checkpoint.source import shard_weights, stored_float_dtype
 
     source, extra = resolve_model(model)
     if not extra and not Path(source).exists():
         source = snapshot_folder(source)
+    gguf = Path(source) / extra["gguf_file"] if extra else None
     files = {} if extra else shard_files(source)
     stored = stored_float_dtype(files) if files else None
     dt = compute_dtype(dtype, device, stored)
-    if not files or whole:
+    if whole or (not files and not (gguf and streamable(gguf))):
         lm, tokenizer = load_model(source if not extra else model, dt)
         return OpenedModel(lm, tokenizer, None, stored, dt)
     with _load_errors(model):
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **extra)
         check_causal_lm(config, model)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         with init_empty_weights():
             lm = AutoModelForCausalLM.from_config(config, dtype=dt)
     lm.tie_weights()  # from_config leaves an empty model untied
     lm.eval()
     decoder_layers(lm)  # an unsupported architecture fails here, before anything is read
-    return OpenedModel(lm, tokenizer, shard_weights(source, lm, files), stored, dt)
+    weights = gguf_weights(gguf, lm, dt) if gguf else shard_weights(source, lm, files)
+    return OpenedModel(lm, tokenizer, weights, stored, dt)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

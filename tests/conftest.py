@@ -120,3 +120,80 @@ def interrupt_after_first_block(monkeypatch):
         yield
     finally:
         monkeypatch.setattr(BlockStore, "save", original)
+
+
+def write_gguf(path, model, tokenizer, tensor_type: str = "F32", skip=()):
+    """``model`` (a tiny Llama or Qwen2) written as llama.cpp writes a GGUF file, with ``gguf``'s
+    ``GGUFWriter``: its config and tokenizer as metadata, Llama's q/k rows permuted as llama.cpp
+    permutes them, 2-D tensors in ``tensor_type`` (F32, F16 or a quantized type such as Q8_0), norms
+    and biases in F32, a tied head not stored; the GGUF tensors named in ``skip`` left out."""
+    import json
+
+    import gguf
+
+    cfg, kind = model.config, model.config.model_type
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[kind]
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    writer = gguf.GGUFWriter(str(path), kind)
+    writer.add_name(f"tiny-{kind}")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_vocab_size(cfg.vocab_size)
+    vocab = tokenizer.get_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    writer.add_token_types([1] * len(vocab))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_unk_token_id(vocab["<unk>"])
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    seen = set()
+    for hf_name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # a tied head is not stored
+            continue
+        seen.add(id(tensor))
+        base, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        if name in skip:
+            continue
+        array = tensor.detach().float().numpy().copy()
+        if kind == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's permutation
+            heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
+            array = array.reshape(heads, 2, array.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(array.shape)
+        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            array = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(name, array, raw_shape=array.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny_untied_qwen2(seed: int = 0):
+    """The tiny Qwen2 (q/k/v biases) with its own output matrix, as Qwen2.5-1.5B has."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("qwen2")
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_files(tmp_path_factory, tokenizer):
+    """``{"llama": F16 Llama with permuted q/k, "qwen2": Q8_0 Qwen2 with biases and an untied head}``."""
+    folder = tmp_path_factory.mktemp("gguf")
+    return {"llama": write_gguf(folder / "llama-f16.gguf", tiny_model("llama"), tokenizer, "F16"),
+            "qwen2": write_gguf(folder / "qwen2-q8_0.gguf", tiny_untied_qwen2(), tokenizer, "Q8_0")}

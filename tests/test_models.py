@@ -219,3 +219,50 @@ def test_available_memory_respects_an_address_space_limit():
 
     limited = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < limited <= 6 * 2**30 and available_memory() > 0
+
+
+def _whole_gguf(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_gguf_file_streams_the_tensors_transformers_loads_bit_for_bit(tiny_gguf_files, kind):
+    """The F16 Llama has llama.cpp's q/k permutation to undo; the Q8_0 Qwen2, q/k/v biases and an output
+    matrix of its own. Every tensor read from the file equals transformers' whole load, in its dtype."""
+    import torch
+
+    from llmbin.models import open_model
+
+    path = tiny_gguf_files[kind]
+    for dtype in (torch.float32, torch.bfloat16):
+        opened = open_model(str(path), dtype=dtype)
+        assert opened.streamed and opened.dtype == dtype
+        assert all(t.is_meta for t in opened.model.state_dict().values())
+        whole = _whole_gguf(path, dtype).state_dict()
+        assert set(opened.weights) == set(whole) == set(opened.model.state_dict())
+        for name, tensor in whole.items():
+            streamed = opened.weights[name]
+            assert streamed.dtype == tensor.dtype == dtype and torch.equal(streamed, tensor), name
+    tied = opened.model.lm_head.weight is opened.model.model.embed_tokens.weight
+    assert tied == (kind == "llama")
+    if kind == "qwen2":
+        assert opened.weights.index["lm_head.weight"] == "output.weight"
+        assert opened.weights.index["model.layers.0.self_attn.k_proj.bias"] == "blk.0.attn_k.bias"
+
+
+def test_a_gguf_file_lacking_a_tensor_is_refused_before_any_work(tmp_path, tokenizer):
+    from llmbin.models import open_model
+    from tests.conftest import tiny_untied_qwen2, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_untied_qwen2(), tokenizer, skip=("blk.1.ffn_up.weight",))
+    with pytest.raises(LlmbinError, match=r"^GGUF file .*m.gguf has no tensor for model.layers.1.mlp.up_proj.weight "
+                                          r"\(1 in all\)"):
+        open_model(str(path))
+
+
+def test_a_gguf_file_loads_whole_for_distillation(tiny_gguf_files):
+    from llmbin.models import open_model
+
+    assert not open_model(str(tiny_gguf_files["qwen2"]), whole=True).streamed

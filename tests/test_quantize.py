@@ -102,3 +102,19 @@ def test_calibration_ids_past_the_embedding_are_refused(kind):
     calibration[1, 3] = 512  # a tokenizer with a larger vocabulary than the model's
     with pytest.raises(LlmbinError, match="token id 512, but the model's embedding has 300 rows"):
         llmbin.quantize(tiny_model(kind), llmbin.PBLLMConfig(), calibration, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_streamed_gguf_gives_the_checkpoint_of_its_whole_load(tiny_gguf_files, tmp_path, kind):
+    """F16 Llama with llama.cpp's q/k permutation; Q8_0 Qwen2 with biases and its own output matrix."""
+    path = str(tiny_gguf_files[kind])
+    streamed = open_model(path)
+    whole = open_model(path, whole=True)
+    assert streamed.streamed and not whole.streamed and streamed.dtype == whole.dtype == torch.float32
+    quantize_and_save(streamed, llmbin.PBLLMConfig(), CALIB, tmp_path / "streamed", progress=False)
+    quantize_and_save(whole, llmbin.PBLLMConfig(), CALIB, tmp_path / "whole", progress=False)
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
+    if kind == "qwen2":  # the head is the file's output matrix, not the embedding
+        tensors = _tensors(tmp_path / "streamed")
+        assert "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"],
+                                                               tensors["model.embed_tokens.weight"])
