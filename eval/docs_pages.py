@@ -9,7 +9,7 @@ Records (committed; edit a record, never a generated page):
   tables and notes of measured runs, transcribed from the runs' output; its ``page`` key names
   the page it generates under ``docs/``.
 * ``docs/pareto-smollm2.json``: every measured SmolLM2 setting, perplexity per true bit, with the
-  llama.cpp peers (written by ``eval/pareto_smollm2.py``); a page record shows it with
+  llama.cpp peers (written by ``eval/pareto.py``); a page record shows it with
   ``{"table": {"pareto": "docs/pareto-smollm2.json"}}``.
 * ``eval/results/zeroshot/zeroshot.json``: zero-shot accuracy (``eval/zeroshot_smollm2.py``);
   shown with ``{"table": {"zeroshot": "eval/results/zeroshot/zeroshot.json"}}``.
@@ -87,11 +87,11 @@ def _eval_module(name: str):
 
 
 def _pareto_module():
-    return _eval_module("pareto_smollm2")
+    return _eval_module("pareto")
 
 
 def machine_labels(record: dict) -> dict[str, str]:
-    """M1, M2, ... in the order ``eval/pareto_smollm2.py`` numbers the record's machines."""
+    """M1, M2, ... in the order ``eval/pareto.py`` numbers the record's machines."""
     return {m: f"M{i + 1}" for i, m in enumerate(sorted({r["machine"] for r in record["rows"]}))}
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pareto_smollm2 import method_family
+from pareto import method_family
 
 from llmbin.data.paths import local_file
 

@@ -181,8 +181,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     e.add_argument("--batch-size", type=int, default=8, help="with --tasks: lm-eval batch size")
     e.add_argument("--task-data", help=f"with --tasks: local copies of the task data (default ${TASK_DATA_ENV}, "
                    "else zeroshot/ in the local data folder, else the hub)")
-    e.add_argument("--cache", help="with --tasks: keep scored requests in SQLite files with this path prefix; "
-                   "a rerun with the same prefix resumes where an interrupted one stopped")
+    e.add_argument("--cache", help="keep finished work under this path prefix (perplexity windows in "
+                   "PREFIX.DATASET-SEQLEN.windows.jsonl, zero-shot requests in SQLite files): a rerun with the same "
+                   "prefix resumes where an interrupted one stopped")
     e.add_argument("--eval-data", help="a local .parquet/.jsonl/.txt file holding the --ppl data set's text")
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
     e.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
@@ -330,18 +331,18 @@ def _zero_shot(model, tokenizer, tasks, limit, batch_size, task_data, cache) -> 
 
 def cmd_eval(args) -> dict:
     from .bits import bit_report, directory_bytes
-    from .evaluate.perplexity import dataset_perplexity
+    from .evaluate.perplexity import dataset_window_nlls, ppl_of
     from .nn.binary_linear import BinaryLinear
 
     _progress_bars(args.no_progress)
     if bool(args.checkpoint) == bool(args.model):
         raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
-    if not args.tasks and (args.limit is not None or args.task_data or args.cache):
-        raise LlmbinError("--limit, --task-data and --cache apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
+    if not args.tasks and (args.limit is not None or args.task_data):
+        raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
     device_map = _device_map(args.device_map)  # options first, then files, then the model
     check_device(args.device)
     check_json_target(args.json)
-    if args.cache:
+    if args.cache and args.tasks:
         from .evaluate.zeroshot import check_cache
 
         check_cache(args.cache)
@@ -385,10 +386,13 @@ def cmd_eval(args) -> dict:
     bpw = report["bits_per_weight"]
     dataset = args.ppl or (None if args.tasks else "wikitext2")
     if dataset:
-        ppl = dataset_perplexity(model, tokenizer, dataset, eval_data=args.eval_data, seqlen=args.seqlen,
-                                 max_windows=args.max_windows, progress=not args.no_progress)
+        log = None if not args.cache else f"{args.cache}.{Path(dataset).stem}-{args.seqlen}.windows.jsonl"
+        nlls = dataset_window_nlls(model, tokenizer, dataset, eval_data=args.eval_data, seqlen=args.seqlen,
+                                   max_windows=args.max_windows, progress=not args.no_progress, log=log,
+                                   model_name=report["model"])
+        ppl = ppl_of(nlls)
         report.update({"ppl": {dataset: ppl}, "eval_data": args.eval_data, "seqlen": args.seqlen,
-                       "max_windows": args.max_windows})
+                       "max_windows": args.max_windows, "window_nll": nlls})
         print(f"{report['model']}: {dataset} perplexity {ppl:.3f}" + (f" ({bpw:.3f} bits/weight)" if bpw else ""))
     if args.tasks:
         report.update(_zero_shot(lm or model, tokenizer, _task_list(args.tasks), args.limit, args.batch_size,

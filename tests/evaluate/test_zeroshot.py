@@ -52,7 +52,7 @@ def test_a_missing_task_data_folder_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(LlmbinError, match="--task-data .*nowhere is not a folder; it should hold piqa/, arc/"):
         resolve_task_data(tmp_path / "nowhere")
     assert main(["eval", "--model", "x", "--limit", "3"]) == 2
-    assert "--limit, --task-data and --cache apply to zero-shot tasks" in capsys.readouterr().err
+    assert "--limit and --task-data apply to zero-shot tasks; add --tasks" in capsys.readouterr().err
 
 
 def test_a_folder_without_a_task_names_the_missing_files(tokenizer, tmp_path):

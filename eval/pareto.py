@@ -1,4 +1,4 @@
-"""Perplexity per true bit: every measured setting in one table and one plot, with llama.cpp as the peer.
+"""Perplexity per true bit: every measured setting of one model in one table and one plot, with llama.cpp as the peer.
 
 Collects finished runs and merges them into a record of rows (``--record``, committed under
 ``docs/`` so that rows measured on other machines or in earlier sessions stay in the table):
@@ -9,13 +9,18 @@ Collects finished runs and merges them into a record of rows (``--record``, comm
 * llama.cpp GGUF files: ``--gguf FILE.gguf=EVAL.json``, bits counted from the file's tensor types
   (``eval/gguf_bits.py``), perplexity from ``llmbin eval --model FILE.gguf --json``.
 
+By default only evaluations of the whole test split count. With ``--windows N`` every row is the
+perplexity of the first N windows: taken from a longer run's per-window NLLs (``window_nll`` in
+``llmbin eval --json``) or from a run with ``--max-windows N``, so that full runs and prefix runs
+of one protocol share a table.
+
 A row is keyed by its setting, calibration seed and machine (with its thread count: checkpoints differ
 between CPUs and thread counts, docs/reproducibility.md); a newer measurement of the same key
 replaces the old one. Settings run with several seeds get
 their median and range. The table marks the Pareto front (no other setting has fewer or equal
 bits and a lower perplexity).
 
-    python eval/pareto_smollm2.py --runs runs/r17 --gguf /work/llamacpp/smollm2-IQ1_S.gguf=runs/r17/gguf-IQ1_S.full.json \\
+    python eval/pareto.py --runs runs/r17 --gguf /work/llamacpp/smollm2-IQ1_S.gguf=runs/r17/gguf-IQ1_S.full.json \\
         --record docs/pareto-smollm2.json --plot docs/methods-smollm2.png
 
 Writes the record (JSON), ``--table`` (markdown, default next to the record) and ``--plot``.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 from pathlib import Path
@@ -50,7 +56,18 @@ def method_family(config: dict) -> str:
 NO_ORDER_SEARCH = " (no order search)"
 
 
-def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
+def eval_ppl(evaluated: dict, windows: int | None) -> float | None:
+    """The perplexity an ``llmbin eval --json`` record gives for the protocol: the whole test split
+    (``windows`` None), or its first ``windows`` windows; None if the record does not cover it."""
+    nlls, limit = evaluated.get("window_nll"), evaluated.get("max_windows")
+    if windows is None:
+        return None if limit else evaluated["ppl"]["wikitext2"]
+    if nlls is not None and len(nlls) >= windows:
+        return math.exp(sum(nlls[:windows]) / windows)
+    return evaluated["ppl"]["wikitext2"] if limit == windows else None
+
+
+def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str, windows: int | None = None) -> dict:
     config = quant["config"]
     recipe = Path(quant.get("recipe") or config["method"]).stem.removesuffix("-rotated").removesuffix("-ss6").removesuffix("-ss0")
     family = method_family(config)
@@ -61,31 +78,35 @@ def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str) -> dict:
     rotate = config.get("rotate", "none")
     return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": family,
             "rotate": rotate, "seed": quant["calibration"].get("seed"), "nsamples": quant["calibration"].get("nsamples"),
-            "bits_per_weight": quant["bits_per_weight"], "ppl": evaluated["ppl"]["wikitext2"], "tool": "llmbin",
-            "machine": machine, "source": source}
+            "bits_per_weight": quant["bits_per_weight"], "ppl": eval_ppl(evaluated, windows), "windows": windows,
+            "tool": "llmbin", "machine": machine, "source": source}
 
 
-def collect_runs(folder: Path, machine: str) -> list[dict]:
+def collect_runs(folder: Path, machine: str, windows: int | None = None) -> list[dict]:
     rows = []
     for quant_file in sorted(folder.glob("*.quant.json")):
         name = quant_file.name.removesuffix(".quant.json")
-        for eval_name in (f"{name}.full.json", f"{name}.eval.json"):
+        for eval_name in (f"{name}.full.json", f"{name}.eval.json", f"{name}.{windows}.json"):
             if (folder / eval_name).exists():
                 evaluated = json.loads((folder / eval_name).read_text())
-                if evaluated.get("max_windows"):
-                    continue  # a quick look, not the full test split
-                rows.append(llmbin_row(json.loads(quant_file.read_text()), evaluated, str(folder / name), machine))
+                if eval_ppl(evaluated, windows) is None:
+                    continue  # a quick look, not this protocol's windows
+                rows.append(llmbin_row(json.loads(quant_file.read_text()), evaluated, str(folder / name), machine,
+                                       windows))
                 break
     return rows
 
 
-def collect_gguf(spec: str, machine: str) -> dict:
+def collect_gguf(spec: str, machine: str, windows: int | None = None) -> dict:
     path, eval_json = spec.split("=", 1)
     counted, evaluated = gguf_linear_bits(path), json.loads(Path(eval_json).read_text())
+    ppl = eval_ppl(evaluated, windows)
+    if ppl is None:
+        raise SystemExit(f"{eval_json} does not cover {'the whole test' if windows is None else f'{windows} windows'}")
     name = Path(path).stem.split("-")[-1]
     types = ", ".join(f"{k} {v:.1%}" for k, v in sorted(counted["weight_share_by_type"].items(), key=lambda kv: -kv[1]))
     return {"setting": f"llama.cpp {name} + imatrix", "family": "llama.cpp", "rotate": "none", "seed": None,
-            "nsamples": None, "bits_per_weight": counted["bits_per_weight"], "ppl": evaluated["ppl"]["wikitext2"],
+            "nsamples": None, "bits_per_weight": counted["bits_per_weight"], "ppl": ppl, "windows": windows,
             "tool": "llama.cpp", "machine": machine, "source": path, "types": types}
 
 
@@ -121,8 +142,11 @@ def table(summary: list[dict], machine_names: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SMOLLM2_TITLE = "SmolLM2-135M, calibration 32 x 2048 (wikitext-2 validation), full wikitext-2 test"
+
+
 def plot(path: Path, summary: list[dict], float_ppl: float | None, machine_names: dict[str, str], main: str,
-         ceiling: float = 3000.0) -> None:
+         ceiling: float = 3000.0, title: str = SMOLLM2_TITLE) -> None:
     """Circles without rotation, squares with; a line joins a method's settings run on one machine.
     Legend entries name the machine unless it is ``main``. Rows above ``ceiling`` are listed, not drawn."""
     import matplotlib
@@ -155,15 +179,14 @@ def plot(path: Path, summary: list[dict], float_ppl: float | None, machine_names
             ax.annotate(r["setting"].replace(" rotate=", " ↻").replace("llama.cpp ", "").replace(" + imatrix", ""),
                         (r["bits_per_weight"], r["ppl_median"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if float_ppl:
-        ax.axhline(float_ppl, color="gray", linestyle=":", label=f"fp16 ({float_ppl:.2f})")
+        ax.axhline(float_ppl, color="gray", linestyle=":", label=f"float ({float_ppl:.2f})")
     off = [f"{r['setting']} {r['ppl_median']:.0f}" for r in summary if r["ppl_median"] > ceiling]
     if off:
         ax.text(0.01, 0.99, "off the chart: " + ", ".join(off), transform=ax.transAxes, fontsize=6, va="top")
     ax.set_xlabel("true bits per weight over the block linears (every scale, mask, index and seed counted)")
     ax.set_ylabel("wikitext-2 perplexity (log); bars: range over calibration seeds")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M, calibration 32 x 2048 (wikitext-2 validation), full wikitext-2 test; "
-                 f"machine {machine_names[main]} unless named", fontsize=8)
+    ax.set_title(f"{title}; machine {machine_names[main]} unless named", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
@@ -180,13 +203,16 @@ def main() -> None:
     p.add_argument("--plot", help="PNG of perplexity against true bits")
     p.add_argument("--note", help="appended to this machine's name for the rows collected now, e.g. '1 thread'")
     p.add_argument("--float-ppl", type=float, default=21.61, help="the float model's perplexity (a reference line)")
+    p.add_argument("--windows", type=int, help="every row is the perplexity of the first N test windows "
+                   "(default: the whole test split)")
+    p.add_argument("--title", default=SMOLLM2_TITLE, help="the plot's title: model and protocol")
     args = p.parse_args()
 
     record = Path(args.record)
     rows = json.loads(record.read_text())["rows"] if record.exists() else []
     machine = this_machine() + (f", {args.note}" if args.note else "")
-    new = [row for folder in args.runs for row in collect_runs(Path(folder), machine)]
-    new += [collect_gguf(spec, machine) for spec in args.gguf]
+    new = [row for folder in args.runs for row in collect_runs(Path(folder), machine, args.windows)]
+    new += [collect_gguf(spec, machine, args.windows) for spec in args.gguf]
     keys = {(r["setting"], r["seed"], r["machine"]) for r in new}
     rows = [r for r in rows if (r["setting"], r["seed"], r["machine"]) not in keys] + new
     rows.sort(key=lambda r: (r["bits_per_weight"], r["setting"], r["seed"] or 0))
@@ -200,7 +226,7 @@ def main() -> None:
     print(text, end="")
     if args.plot:
         main_machine = max(machines, key=lambda m: sum(r["machine"] == m for r in summary))
-        plot(Path(args.plot), summary, args.float_ppl, machine_names, main_machine)
+        plot(Path(args.plot), summary, args.float_ppl, machine_names, main_machine, title=args.title)
 
 
 if __name__ == "__main__":
