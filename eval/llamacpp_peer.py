@@ -119,13 +119,14 @@ def calibration_text(root: Path, model: Path, nsamples: int, seqlen: int, seed: 
 
 
 def imatrix(root: Path, model: Path, args) -> Path:
-    out = root / f"imatrix-{args.nsamples}x{args.seqlen}-seed{args.seed}.dat"
+    out = root / f"imatrix-{args.nsamples}x{args.seqlen}-seed{args.seed}.gguf"  # llama.cpp's GGUF imatrix format
     if out.is_file():
         return out
     text = calibration_text(root, model, args.nsamples, args.seqlen, args.seed)
+    partial = root / (out.stem + ".partial.gguf")
     run([tool(root, "llama-imatrix"), "-m", float_model(root, model), "-f", text, "-c", args.seqlen,
-         "--chunks", args.nsamples, "-t", args.threads, "-o", str(out) + ".partial.dat"])
-    os.replace(str(out) + ".partial.dat", out)
+         "--chunks", args.nsamples, "-t", args.threads, "-o", partial])
+    os.replace(partial, out)
     return out
 
 
