@@ -37,7 +37,7 @@ def llmbin_scores(model_path: str, text: str, windows: int, seqlen: int) -> dict
             logits = model(window, use_cache=False).logits[0].float()
             nll = F.cross_entropy(logits[:-1], window[0, 1:], reduction="none")
             whole.append(nll.mean().item())
-            half.append(nll[first - 1:].mean().item())  # logits at first-1.. predict tokens first..seqlen-1
+            half.append(nll[first:].mean().item())  # logits at first..seqlen-2 predict tokens first+1..seqlen-1
             print(f"window {i}: all {math.exp(whole[-1]):.4f}, second half {math.exp(half[-1]):.4f}", flush=True)
     return {"tokens": int(ids.numel()), "ppl": math.exp(sum(whole) / windows),
             "ppl_second_half": math.exp(sum(half) / windows), "window_nll": whole, "window_nll_second_half": half}
@@ -48,10 +48,9 @@ def llamacpp_score(binary: Path, model_path: str, text_file: Path, windows: int,
                           "--chunks", str(windows), "-t", str(threads)], capture_output=True, text=True, check=True)
     log = out.stdout + out.stderr
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
-    tokens = re.search(r"tokenization took .*\n.*?(\d+) tokens", log) or re.search(r"n_tokens\s*=\s*(\d+)", log)
     running = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+)", log)]
     return {"ppl_second_half": float(final.group(1)), "stderr": float(final.group(2)), "running": running,
-            "log_tail": log[-2000:], "tokens_reported": tokens.group(1) if tokens else None}
+            "log_tail": log[-2000:]}
 
 
 def main() -> None:
