@@ -342,6 +342,7 @@ def cmd_eval(args) -> dict:
     device_map = _device_map(args.device_map)  # options first, then files, then the model
     check_device(args.device)
     check_json_target(args.json)
+    check_json_target(args.cache, "--cache")  # before the model loads, not after
     if args.cache and args.tasks:
         from .evaluate.zeroshot import check_cache
 
@@ -389,7 +390,7 @@ def cmd_eval(args) -> dict:
         log = None if not args.cache else f"{args.cache}.{Path(dataset).stem}-{args.seqlen}.windows.jsonl"
         nlls = dataset_window_nlls(model, tokenizer, dataset, eval_data=args.eval_data, seqlen=args.seqlen,
                                    max_windows=args.max_windows, progress=not args.no_progress, log=log,
-                                   model_name=report["model"])
+                                   model_name=_model_identity(report["model"]))
         ppl = ppl_of(nlls)
         report.update({"ppl": {dataset: ppl}, "eval_data": args.eval_data, "seqlen": args.seqlen,
                        "max_windows": args.max_windows, "window_nll": nlls})
@@ -399,6 +400,12 @@ def cmd_eval(args) -> dict:
                                  args.task_data, args.cache))
     report.update({"eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
     return report
+
+
+def _model_identity(name: str) -> str:
+    """What a perplexity log records as the model: the absolute path of a local file or folder (so
+    ``ckpt`` and ``./ckpt`` resume the same log), else the name (a hub id, ``smollm2-135m``)."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def check_device(device: str) -> None:
@@ -419,15 +426,15 @@ def check_device(device: str) -> None:
         raise LlmbinError(f"--device {device}: llmbin runs on cpu or cuda")
 
 
-def check_json_target(path: str | None) -> None:
-    """``--json``'s folder exists and is writable, so the report is not lost after the work."""
+def check_json_target(path: str | None, option: str = "--json") -> None:
+    """``--json``'s (or ``option``'s) folder exists and is writable, so nothing is lost after the work."""
     if path is None:
         return
     folder = Path(path).parent
     if not folder.is_dir():
-        raise LlmbinError(f"--json {path}: folder {folder} does not exist; create it first")
+        raise LlmbinError(f"{option} {path}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
-        raise LlmbinError(f"--json {path}: folder {folder} is not writable; choose another path")
+        raise LlmbinError(f"{option} {path}: folder {folder} is not writable; choose another path")
 
 
 def _eval_dtype(name: str, device: str):

@@ -89,3 +89,10 @@ def test_llmbin_eval_cache_resumes_perplexity_and_reports_each_window(tiny_model
     assert b["window_nll"][:2] == a["window_nll"] and b["window_nll"] == c["window_nll"]
     assert b["ppl"]["wikitext2"] == c["ppl"]["wikitext2"] == ppl_of(c["window_nll"])
     assert (tmp_path / "run.wikitext2-32.windows.jsonl").is_file()
+
+
+def test_a_cache_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    # the model does not exist either: the cache's folder is checked first, before anything loads
+    assert main(["eval", "--model", "no-such-model-folder", "--cache", str(tmp_path / "nowhere" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--cache {tmp_path / 'nowhere' / 'run'}: folder {tmp_path / 'nowhere'} does not exist; create it first" in err
