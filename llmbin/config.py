@@ -3,7 +3,8 @@
 
 ``QuantConfig`` holds the options of the stages the pipeline applies around every method's
 function, each configured once here: incoherence processing (``rotate``), the scale refit
-(``refit_scales``, whose default each method sets) and distillation (``distill``). A variant
+(``refit_scales``, whose default each method sets), block-wise tuning (``tune``) and
+distillation (``distill``). A variant
 that differs from a method only in its defaults is a recipe (``recipes/``), not a class."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import ClassVar
 from .errors import LlmbinError
 
 ROTATE_CHOICES = ("none", "input", "both")
+TUNE_FIELDS = ("tune", "tune_steps", "tune_batch", "tune_lr")
 
 
 @dataclass
@@ -23,6 +25,10 @@ class QuantConfig:
     rotate: str = "none"  # incoherence processing: "input" (T·x) or "both" sides (and S·y); see algorithms.incoherence
     rotate_seed: int = 0
     refit_scales: bool = False  # stage: re-solve the scales for least Hessian-weighted error after the method's fit
+    tune: bool = False  # stage: after each block's layer-wise pass, tune its continuous parameters (llmbin.block_tuning)
+    tune_steps: int = 32  # optimizer steps per block (32: one pass over the README protocol's 32 windows)
+    tune_batch: int = 1  # calibration windows per step
+    tune_lr: float = 1e-2  # Adam step size, relative to each tuned tensor's mean magnitude
     distill: bool = False  # stage: tune scales and norms against the float model's outputs (llmbin.distill)
     distill_epochs: int = 1
     distill_lr: float = 1e-4
@@ -35,12 +41,21 @@ class QuantConfig:
             raise LlmbinError(f"percdamp must be in (0, 10), got {self.percdamp}; the usual value is 0.01")
         if self.blocksize < 1:
             raise LlmbinError(f"blocksize must be a positive integer, got {self.blocksize}")
+        if self.tune_steps < 1 or self.tune_batch < 1 or not self.tune_lr > 0:
+            raise LlmbinError(f"--tune-steps and --tune-batch must be >= 1 and --tune-lr > 0, got {self.tune_steps}, "
+                              f"{self.tune_batch} and {self.tune_lr}")
         if self.distill_epochs < 1 or not self.distill_lr > 0:
             raise LlmbinError(f"--distill-epochs must be >= 1 and --distill-lr > 0, got {self.distill_epochs} and "
                               f"{self.distill_lr}")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self)}
+        """The record of these options. A stage added later that is off records nothing, so a run or
+        checkpoint written before that stage existed keeps its record (and its resume fingerprint)."""
+        data = {"method": self.method, **asdict(self)}
+        if not self.tune:
+            for name in TUNE_FIELDS:
+                del data[name]
+        return data
 
     def wants_refit(self) -> bool:
         """Whether the layer pipeline refits the scales after the method's fit (``algorithms.layer``)."""
@@ -238,6 +253,11 @@ OPTION_HELP = {
               "transforms before quantizing (llmbin.algorithms.incoherence)",
     "rotate_seed": "seed of the random rotations (with --rotate input or both)",
     "refit_scales": "after the method's fit, re-solve the scales for least Hessian-weighted error",
+    "tune": "after each block's layer-wise pass, tune its scales, norms and biases so the block's outputs follow "
+            "the float model's (signs and positions stay fixed; llmbin.block_tuning)",
+    "tune_steps": "with --tune: Adam steps per block",
+    "tune_batch": "with --tune: calibration windows per step",
+    "tune_lr": "with --tune: Adam step size, relative to each tuned tensor's mean magnitude",
     "distill": "after quantizing, tune the scales and norms against the float model's outputs (loads the model whole)",
     "distill_epochs": "with --distill: passes over the calibration windows",
     "distill_lr": "with --distill: learning rate",

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import activation_store
+from .activations import activation_store, default_budget
 from .algorithms.hessian import accumulate_hessian
 from .algorithms.incoherence import check_rotatable, layer_rotation
 from .algorithms.layer import quantize_layer
+from .block_tuning import tune_block
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers
@@ -32,7 +33,10 @@ from .nn.tree import set_submodule
 from .placement import Placement, tensor_names
 from .registry import method_function
 
-LayerDone = Callable[[int, dict[str, BinaryLinear]], None]
+# A finished block: its packed layers by name inside the block, and, when it was tuned, its other
+# tuned tensors (norm weights) by state-dict name inside the block.
+BlockState = dict[str, "BinaryLinear | torch.Tensor"]
+LayerDone = Callable[[int, BlockState], None]
 
 
 class _StopForward(Exception):
@@ -152,23 +156,41 @@ def quantize_blocks(
     done = done or {}
     stats = {} if stats is None else stats
     stats["block_seconds"], start = {}, time.perf_counter()
+    if config.tune:  # two buffers share the budget one would have
+        activation_budget = (default_budget() if activation_budget is None else activation_budget) // 2
     store, kwargs = capture_block_inputs(model, calibration, placement, dtype=activation_dtype or dtype,
                                          offload_dir=offload_activations, fallback_dir=fallback_dir,
                                          budget=activation_budget)
     stats["capture_seconds"] = time.perf_counter() - start
+    targets = None
     try:
+        if config.tune:
+            targets = activation_store(len(store), store.shape, store.dtype, offload_dir=offload_activations,
+                                       fallback_dir=fallback_dir, budget=activation_budget)
+            for i in range(len(store)):
+                targets[i] = store[i]
+            stats["tune"] = {}
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
         for index in bar:
             start, name = time.perf_counter(), f"{prefix}.{index}"
             block = placement.onload_module(model, name)
+            if targets is not None:  # the float block's outputs: this block's tuning targets, the next's float inputs
+                bar.set_postfix_str("float outputs")
+                _run_block(block, targets, kwargs, placement.device, dtype, write_back=True)
             if index in done:
-                for layer, module in done[index].items():
-                    set_submodule(block, layer, module.to(placement.device))
+                _install(block, done[index], placement.device)
             else:
                 bar.set_postfix_str("collecting Hessians")
-                packed = _quantize_block(block, store, kwargs, method, config, placement.device, dtype, index)
+                finished: BlockState = _quantize_block(block, store, kwargs, method, config, placement.device, dtype,
+                                                       index)
+                if targets is not None:
+                    bar.set_postfix_str("tuning")
+                    stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
+                                                      batch=config.tune_batch, lr=config.tune_lr,
+                                                      device=placement.device, seed=index)
+                    finished.update(_tuned_parameters(block))
                 if on_block_done is not None:
-                    on_block_done(index, packed)
+                    on_block_done(index, finished)
             bar.set_postfix_str("propagating")
             _run_block(block, store, kwargs, placement.device, dtype, write_back=True)
             placement.release_module(model, name)
@@ -178,6 +200,26 @@ def quantize_blocks(
                     raise QuantizationStopped(len(stats["block_seconds"]))
     finally:
         store.close()
+        if targets is not None:
+            targets.close()
+
+
+def _install(block: nn.Module, state: BlockState, device) -> None:
+    """Put a finished block's packed layers, and its tuned parameters if any, into the onloaded ``block``."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            param = block.get_parameter(name)
+            param.data = value.to(device=device, dtype=param.dtype)
+        else:
+            set_submodule(block, name, value.to(device))
+
+
+def _tuned_parameters(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's float parameters outside its packed layers (norm weights): what tuning changed
+    besides the packed layers' own tensors, which their modules carry."""
+    inside = {f"{n}." for n, m in block.named_modules() if isinstance(m, BinaryLinear)}
+    return {n: p.detach() for n, p in block.named_parameters()
+            if p.is_floating_point() and not any(n.startswith(prefix) for prefix in inside)}
 
 
 class _Hessians:

@@ -38,11 +38,13 @@ class BlockStore:
     def finished(self) -> "FinishedBlocks":
         return finished_blocks(self.dir)
 
-    def save(self, index: int, modules: dict[str, BinaryLinear]) -> None:
-        """Persist block ``index``'s packed layers (keyed by their names inside the block)."""
-        tensors = {f"{name}.{key}": value for name, m in modules.items() for key, value in m.state_dict().items()}
+    def save(self, index: int, modules: dict[str, BinaryLinear | torch.Tensor]) -> None:
+        """Persist block ``index``'s packed layers and tuned parameters (keyed by their names inside the block)."""
+        layers = {name: m for name, m in modules.items() if isinstance(m, BinaryLinear)}
+        tensors = {f"{name}.{key}": value for name, m in layers.items() for key, value in m.state_dict().items()}
+        tensors.update({name: value for name, value in modules.items() if name not in layers})
         tmp = self._path(index).with_suffix(".tmp")
-        write_tensors(tmp, tensors, layer_metadata(modules))
+        write_tensors(tmp, tensors, layer_metadata(layers))
         tmp.rename(self._path(index))  # a block file exists only once it is complete
 
 
@@ -102,17 +104,18 @@ def finished_blocks(directory: str | os.PathLike) -> "FinishedBlocks":
 
 
 class FinishedBlocks(Mapping):
-    """``index -> {layer name in the block: BinaryLinear}``, read lazily."""
+    """``index -> {layer name in the block: BinaryLinear}``, read lazily; a tuned block's other
+    tuned parameters (norm weights) come with them, as tensors under their names in the block."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
 
-    def __getitem__(self, index: int) -> dict[str, BinaryLinear]:
+    def __getitem__(self, index: int) -> dict[str, BinaryLinear | torch.Tensor]:
         if not isinstance(index, int) or not 0 <= index < len(self.paths):
             raise KeyError(index)
         try:
             tensors, layers = read_tensors(self.paths[index])
-            return modules_from_tensors(tensors, layers)
+            return {**modules_from_tensors(tensors, layers), **tensors}  # what the layers did not consume
         except LlmbinError as exc:
             raise damaged_block(self.paths[index], exc) from None
 
