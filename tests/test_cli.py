@@ -219,3 +219,17 @@ def test_standard_calibration_data_offline_fails_at_once_naming_a_local_file(tin
                               "--out", str(tmp_path / "o"), "--no-progress"]) == (
         "llmbin: error: c4 cannot be downloaded: the Hugging Face hub does not answer (offline) and no cached copy "
         "was found; give a local .parquet/.jsonl/.txt file (--calib-data PATH)")
+
+
+def test_tune_from_the_command_line_records_its_losses_and_options(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert _quantize(tiny_model_dir, text_file, out, "--tune", "--tune-steps", "3", "--json",
+                     str(tmp_path / "q.json")) == 0
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["config"]["tune"] is True and report["config"]["tune_steps"] == 3
+    assert set(report["timings"]["tune"]) == {"0", "1"}
+    assert all(step["loss_first"] > 0 and step["seconds"] > 0 for step in report["timings"]["tune"].values())
+    assert llmbin.load(out).config.quantization_config.tune_steps == 3
+    err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data",
+                             str(text_file), "--out", str(tmp_path / "o"), "--tune", "--tune-steps", "0"])
+    assert "--tune-steps" in err
