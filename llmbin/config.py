@@ -3,9 +3,9 @@
 
 ``QuantConfig`` holds the options of the stages the pipeline applies around every method's
 function, each configured once here: incoherence processing (``rotate``), the scale refit
-(``refit_scales``, whose default each method sets), block-wise tuning (``tune``) and
-distillation (``distill``). A variant
-that differs from a method only in its defaults is a recipe (``recipes/``), not a class."""
+(``refit_scales``, whose default each method sets), block-wise tuning (``tune``) and distillation
+(``distill``). A variant that differs from a method only in its defaults is a recipe
+(``recipes/``), not a class."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields

@@ -139,12 +139,15 @@ def quantize_blocks(
     skeleton that is onloaded block by block; each block, packed layers included, goes back to
     the meta device once done, so ``on_block_done`` must persist it. Without ``weights`` the
     model is in memory and keeps its packed layers. ``done`` maps block indices already
-    quantized (e.g. resumed from disk) to their packed layers; they are installed and only run
-    forward. Activations are kept in ``activation_dtype`` (default: the model's), in memory or,
-    with ``offload_activations`` (a folder) or past ``activation_budget`` bytes, on disk.
+    quantized (e.g. resumed from disk) to their packed layers and tuned parameters (a
+    ``BlockState``, as ``on_block_done`` receives it); they are installed and only run forward.
+    Activations are kept in ``activation_dtype`` (default: the model's), in memory or, with
+    ``offload_activations`` (a folder) or past ``activation_budget`` bytes, on disk; with
+    ``config.tune`` the float activations take a second buffer, and the two share the budget.
     With ``stop_after_blocks``, :class:`QuantizationStopped` is raised once that many blocks have
     been newly quantized (and passed to ``on_block_done``). ``stats`` receives timings:
-    ``capture_seconds`` and ``block_seconds`` (block index -> seconds, newly quantized blocks only).
+    ``capture_seconds``, ``block_seconds`` (block index -> seconds, newly quantized blocks only)
+    and, when tuning, ``tune`` (block index -> ``block_tuning.tune_block``'s report).
     """
     method = method_function(config)
     placement = Placement(device, weights)
@@ -208,7 +211,11 @@ def _install(block: nn.Module, state: BlockState, device) -> None:
     """Put a finished block's packed layers, and its tuned parameters if any, into the onloaded ``block``."""
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
-            param = block.get_parameter(name)
+            try:
+                param = block.get_parameter(name)
+            except AttributeError:
+                raise LlmbinError(f"a finished block holds {name}, which the model's blocks lack; delete the "
+                                  "output's .partial folder and quantize again") from None
             param.data = value.to(device=device, dtype=param.dtype)
         else:
             set_submodule(block, name, value.to(device))
