@@ -86,3 +86,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_checkpoint(six_block_dir, tex
         subprocess.run(command, env=_env(), check=True, capture_output=True)
     assert file_digests(out / "model.safetensors") == uninterrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .partial, no .ckpt.tmp-PID left
+
+
+def test_a_tuned_run_killed_while_tuning_a_block_resumes_to_the_uninterrupted_checkpoint(six_block_dir, text_file,
+                                                                                       tmp_path):
+    tuned = ["--tune", "--tune-steps", "4"]
+    whole = tmp_path / "whole"
+    subprocess.run(_command(six_block_dir, text_file, whole) + tuned, env=_env(), check=True, capture_output=True)
+    out = tmp_path / "ckpt"
+    command = _command(six_block_dir, text_file, out) + tuned
+    # two blocks are saved: the kill lands while the third is quantized or tuned, before it is saved
+    assert _kill_when(command, lambda: _blocks(out) >= 2) == -signal.SIGKILL
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    assert file_digests(out / "model.safetensors") == file_digests(whole / "model.safetensors")
