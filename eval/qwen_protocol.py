@@ -13,7 +13,8 @@ Each argument names one run:
 * ``float``: the float model;
 * ``gguf:TYPE``: llama.cpp's TYPE file, made by ``eval/llamacpp_peer.py quantize --dir LLAMACPP``;
 * ``RECIPE[@rotate=input|both][@KEY=VALUE...]``: ``llmbin quantize --recipe RECIPE`` with those
-  options (``--salient-frac 0.05`` is ``@salient_frac=0.05``), then ``llmbin eval`` of the checkpoint.
+  options (``--salient-frac 0.05`` is ``@salient_frac=0.05``, ``--tune`` is ``@tune=true``), then
+  ``llmbin eval`` of the checkpoint.
 
 A finished step is skipped; an interrupted quantization resumes from its last finished block.
 Outputs in ``--runs``: ``NAME.quant.json`` and ``NAME.WINDOWS.json`` (``eval/pareto.py --windows``
@@ -55,7 +56,11 @@ def quantize(spec: str, model: str, out: Path, seed: int, data: Path) -> None:
             "--json", str(out) + ".quant.json"]
     for option in options:
         key, value = option.split("=", 1)
-        args += [f"--{key.replace('_', '-')}", value]
+        flag = key.replace("_", "-")
+        if value in ("true", "false"):  # a switch: @tune=true is --tune, @order_search=false --no-order-search
+            args.append(f"--{flag}" if value == "true" else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", value]
     llmbin(*args)
 
 
