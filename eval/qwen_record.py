@@ -106,8 +106,8 @@ def crosscheck_section(files: list[Path]) -> dict | None:
         worst = max(range(len(per_window)), key=lambda k: abs(per_window[k]))
         rows.append([Path(c["file"]).name, str(c["windows"]), f"{c['llmbin']['ppl']:.2f}",
                      f"{c['llmbin']['ppl_second_half']:.2f}", f"{theirs['ppl_second_half']:.2f} ± {theirs['stderr']:.2f}",
-                     f"{c['relative_difference']:+.1%}", f"{agree} of {len(per_window)}",
-                     f"window {worst}: {math.exp(per_window[worst]) - 1:+.1%}"])
+                     f"{c['relative_difference']:+.2%}", f"{agree} of {len(per_window)}",
+                     f"window {worst}: {math.exp(per_window[worst]) - 1:+.2%}"])
     return {
         "id": "crosscheck",
         "heading": "llama.cpp's own perplexity on the same windows",
@@ -118,8 +118,8 @@ def crosscheck_section(files: list[Path]) -> dict | None:
             "scores from llmbin's logits, and runs `llama-perplexity -c 2048 -b 2048 --chunks N` beside it. The",
             "per-window comparison is read from llama-perplexity's running perplexity.",
         ],
-        "command": ["python eval/llamacpp_crosscheck.py /work/llamacpp/qwen2.5-coder-1.5b-instruct-IQ2_XXS.gguf "
-                    "--llamacpp /work/llamacpp --windows 8 --json runs/qwen/crosscheck-IQ2_XXS.json"],
+        "command": [f"python eval/llamacpp_crosscheck.py {c['file']} --llamacpp /work/llamacpp --windows {c['windows']} "
+                    f"--json runs/qwen/crosscheck-{Path(c['file']).stem.split('-')[-1]}.json" for c in checks],
         "machine": MACHINE,
         "table": {"columns": ["file", "windows", "llmbin, every token", "llmbin, second halves",
                               "llama-perplexity, second halves", "difference", "windows within 1 %",
