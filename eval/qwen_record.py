@@ -33,6 +33,8 @@ PHASES = [
     ("block 0: gate, up (8960 × 1536)", 2699),
     ("block 0: down (1536 × 8960; an 8960² Hessian, 321 MB, and its inverse factor)", 2939),
 ]
+PLOT = "docs/qwen-pareto.png"
+TITLE = f"Qwen2.5-Coder-1.5B-Instruct, calibration 32 x 2048 (wikitext-2 validation), first {WINDOWS} test windows"
 MACHINE = "AMD EPYC VM, 2 cores (AVX2), 24 GiB, one job at a time."
 
 
@@ -61,31 +63,24 @@ def llama_rows(runs: Path) -> tuple[list[list[str]], dict[str, tuple[float, floa
     return rows, points
 
 
-def llmbin_points(runs: Path) -> dict[str, tuple[float, float, float | None]]:
-    """name -> (true bits, perplexity, quantize seconds) of each finished llmbin run."""
-    points = {}
-    for quant in sorted(runs.glob("*.quant.json")):
-        name = quant.name.removesuffix(".quant.json")
-        run, q = load(runs / f"{name}.{WINDOWS}.json"), json.loads(quant.read_text())
-        if run and q.get("bits_per_weight"):
-            points[name] = (q["bits_per_weight"], run["ppl"]["wikitext2"], q.get("quantize_seconds"))
-    return points
-
-
-def front_rows(llama: dict, ours: dict) -> list[list[str]]:
+def front_rows(summary: list[dict]) -> list[list[str]]:
+    """For each type the issue names, the best llmbin setting at no more true bits (eval/pareto.py's rows)."""
+    llama = {r["setting"].split()[1]: r for r in summary if r["tool"] == "llama.cpp"}
+    ours = [r for r in summary if r["tool"] == "llmbin"]
     rows = []
     for t in FRONT_TYPES:
         if t not in llama:
             rows.append([t, "–", "–", "llama.cpp's file not evaluated yet", "–"])
             continue
-        bits, ppl = llama[t]
-        under = {n: p for n, p in ours.items() if p[0] <= bits}
+        bits, ppl = llama[t]["bits_per_weight"], llama[t]["ppl_median"]
+        under = [r for r in ours if r["bits_per_weight"] <= bits]
         if not under:
             rows.append([t, f"{bits:.3f}", f"{ppl:.2f}", "no llmbin point at or below these bits yet", "–"])
             continue
-        name, (b, p, _) = min(under.items(), key=lambda kv: kv[1][1])
-        verdict = "**beats it**" if p < ppl else f"misses by {p / ppl:.2f}×"
-        rows.append([t, f"{bits:.3f}", f"{ppl:.2f}", f"{name}: {p:.2f} at {b:.3f} bits", verdict])
+        best = min(under, key=lambda r: r["ppl_median"])
+        verdict = "**beats it**" if best["ppl_median"] < ppl else f"misses by {best['ppl_median'] / ppl:.2f}×"
+        rows.append([t, f"{bits:.3f}", f"{ppl:.2f}",
+                     f"{best['setting']}: {best['ppl_median']:.2f} at {best['bits_per_weight']:.3f} bits", verdict])
     return rows
 
 
@@ -133,12 +128,15 @@ def main() -> None:
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--probe", type=Path, required=True)
     p.add_argument("--crosscheck", type=Path, nargs="*", default=[])
+    p.add_argument("--pareto", type=Path, default=Path("docs/pareto-qwen.json"),
+                   help="eval/pareto.py's record of this model's points (--windows 40)")
     p.add_argument("--notes", type=Path, help="a JSON object: section id -> list of lines added to its notes")
     p.add_argument("--out", type=Path, default=Path("docs/results/qwen.json"))
     args = p.parse_args()
     float_run = load(args.runs / f"float.{WINDOWS}.json")
     rows, llama = llama_rows(args.runs)
-    ours = llmbin_points(args.runs)
+    pareto = json.loads(args.pareto.read_text())
+    ours = [r for r in pareto["summary"] if r["tool"] == "llmbin"]
     probe = json.loads(args.probe.read_text())
     notes = json.loads(args.notes.read_text()) if args.notes else {}
     sec = float_run["eval_seconds"] / WINDOWS if float_run else None
@@ -207,7 +205,29 @@ def main() -> None:
             "machine": MACHINE,
             "table": {"columns": ["llama.cpp type", "true bits", f"ppl, {WINDOWS} windows", "best llmbin point at ≤ bits",
                                   "verdict"],
-                      "rows": front_rows(llama, ours)},
+                      "rows": front_rows(pareto["summary"])},
+        },
+        {
+            "id": "points",
+            "heading": "Every point",
+            "text": [
+                f"Every evaluated setting on the first {WINDOWS} windows, llmbin and llama.cpp together, from the record",
+                f"`{args.pareto}` ([download](../{args.pareto.name})), which `eval/pareto.py` updates from the",
+                "finished runs; ★ marks the front (no other setting has fewer or equal bits and a lower perplexity).",
+            ],
+            "command": [
+                f"python eval/pareto.py --windows {WINDOWS} --runs runs/qwen --float-ppl {pareto['float_ppl']} \\",
+                "    --gguf /work/llamacpp/qwen2.5-coder-1.5b-instruct-IQ2_XXS.gguf=runs/qwen/gguf-IQ2_XXS.40.json ... \\",
+                f"    --record {args.pareto} --plot {PLOT} --title \"{TITLE}\"",
+            ],
+            "machine": MACHINE,
+            "table": {"pareto": str(args.pareto)},
+        },
+        {
+            "id": "plot",
+            "heading": "Plot",
+            "text": ["The rows above, as `eval/pareto.py --plot` draws them."],
+            "image": {"src": "../" + Path(PLOT).name, "alt": "perplexity against true bits per weight, Qwen2.5-Coder-1.5B"},
         },
     ]
     check = crosscheck_section(args.crosscheck)
