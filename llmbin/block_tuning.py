@@ -53,6 +53,13 @@ def tuned_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def tuned_outside_packed(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuned tensors that no packed layer carries (norm weights): what a finished block's file
+    must hold beside its packed layers."""
+    inside = tuple(f"{n}." for n, m in block.named_modules() if isinstance(m, BinaryLinear) and n)
+    return {n: t.detach() for n, t in tuned_tensors(block).items() if not n.startswith(inside)}
+
+
 def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, key = name.rpartition(".")
     return (block.get_submodule(path) if path else block), key

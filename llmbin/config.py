@@ -15,6 +15,7 @@ from .errors import LlmbinError
 
 ROTATE_CHOICES = ("none", "input", "both")
 TUNE_FIELDS = ("tune", "tune_steps", "tune_batch", "tune_lr")
+LATER_OPTIONS = ("planes",)  # added after checkpoints were written: at their default they record nothing
 
 
 @dataclass
@@ -48,13 +49,18 @@ class QuantConfig:
             raise LlmbinError(f"--distill-epochs must be >= 1 and --distill-lr > 0, got {self.distill_epochs} and "
                               f"{self.distill_lr}")
 
+
     def to_dict(self) -> dict:
-        """The record of these options. A stage added later that is off records nothing, so a run or
-        checkpoint written before that stage existed keeps its record (and its resume fingerprint)."""
+        """The record of these options. A stage added later that is off, or an option added later at its
+        default, records nothing, so a run or checkpoint written before it existed keeps its record (and
+        its resume fingerprint)."""
         data = {"method": self.method, **asdict(self)}
         if not self.tune:
             for name in TUNE_FIELDS:
                 del data[name]
+        for f in fields(self):
+            if f.name in LATER_OPTIONS and data[f.name] == f.default:
+                del data[f.name]
         return data
 
     def wants_refit(self) -> bool:
@@ -141,12 +147,15 @@ class DBLLMConfig(QuantConfig):
     its deviation-aware distillation of the scales and norms is the ``distill`` stage (QuantConfig)."""
 
     method: ClassVar[str] = "db-llm"
+    planes: int = 2  # binary planes per weight: 2 is FDB; 1 is a sign code μ + α·s, below 2 bits with groups
     group_size: int = 0  # 0: scales per output row
     refine_iters: int = 20  # alternating least-squares rounds of the scales and planes
     refit_scales: bool = True  # the scale refit stage (QuantConfig), on by default for DB-LLM
 
     def validate(self) -> None:
         super().validate()
+        if not 1 <= self.planes <= 4:
+            raise LlmbinError(f"--planes must be 1 to 4, got {self.planes}")
         if self.group_size < 0:
             raise LlmbinError(f"--group-size must be 0 (per row) or positive, got {self.group_size}")
         if self.refine_iters < 0:
@@ -267,6 +276,7 @@ OPTION_HELP = {
     "scale_search": "GPTQ passes with the scale multiplied by 0.5 to 1, each row keeping its best (0 or 1: one pass)",
     "order_search": "reconstruct again in activation order (GPTQ's desc_act) and keep the order with less layer error",
     "bits": "bits per weight of the uniform grid (2 to 8)",
+    "planes": "binary planes per weight (2^planes levels with free scales; 1: a sign code, with --group-size below 2 bits)",
     "group_size": "input columns that share scales (0: one set per output row)",
     "refine_iters": "alternating refinement rounds of the scales and sign planes (0: the closed form only)",
     "max_salient_columns": "the salient column count is searched in [1, this] per block",

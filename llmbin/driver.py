@@ -24,7 +24,7 @@ from .activations import activation_store, default_budget
 from .algorithms.hessian import accumulate_hessian
 from .algorithms.incoherence import check_rotatable, layer_rotation
 from .algorithms.layer import quantize_layer
-from .block_tuning import tune_block
+from .block_tuning import tune_block, tuned_outside_packed
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers
@@ -191,7 +191,7 @@ def quantize_blocks(
                     stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
                                                       batch=config.tune_batch, lr=config.tune_lr,
                                                       device=placement.device, seed=index)
-                    finished.update(_tuned_parameters(block))
+                    finished.update(tuned_outside_packed(block))
                 if on_block_done is not None:
                     on_block_done(index, finished)
             bar.set_postfix_str("propagating")
@@ -219,14 +219,6 @@ def _install(block: nn.Module, state: BlockState, device) -> None:
             param.data = value.to(device=device, dtype=param.dtype)
         else:
             set_submodule(block, name, value.to(device))
-
-
-def _tuned_parameters(block: nn.Module) -> dict[str, torch.Tensor]:
-    """The block's float parameters outside its packed layers (norm weights): what tuning changed
-    besides the packed layers' own tensors, which their modules carry."""
-    inside = {f"{n}." for n, m in block.named_modules() if isinstance(m, BinaryLinear)}
-    return {n: p.detach() for n, p in block.named_parameters()
-            if p.is_floating_point() and not any(n.startswith(prefix) for prefix in inside)}
 
 
 class _Hessians:

@@ -132,7 +132,8 @@ def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("method,options", [("rtn-sign", {}), ("gptq", {"bits": 3, "group_size": 32}),
-                                            ("db-llm", {}), ("billm", {"blocksize": 32}),
+                                            ("db-llm", {}), ("db-llm", {"planes": 1, "group_size": 32}),
+                                            ("billm", {"blocksize": 32}),
                                             ("billm", {"refine_iters": 15, "refit_scales": True}),
                                             ("arb-rc", {"blocksize": 32})])
 def test_every_method_saves_and_loads_bit_identically(method, options, tmp_path):

@@ -14,7 +14,7 @@ from llmbin.registry import method_function
 ARB_X = {"refine_iters": 15, "refit_scales": True}  # recipes/arb-x.yaml: BiLLM with ARB's refinement and the refit
 SETTINGS = [("rtn-sign", {}), ("gptq", {"bits": 2}), ("gptq", {"bits": 3, "group_size": 32}),
             ("gptq", {"bits": 4}), ("db-llm", {}), ("db-llm", {"group_size": 32, "refit_scales": False}),
-            ("billm", {"blocksize": 32}), ("billm", {**ARB_X, "blocksize": 32}), ("arb-rc", {"blocksize": 32}),
+            ("db-llm", {"planes": 1, "group_size": 32}), ("billm", {"blocksize": 32}), ("billm", {**ARB_X, "blocksize": 32}), ("arb-rc", {"blocksize": 32}),
             ("pb-llm", {})]
 
 
@@ -49,7 +49,8 @@ def test_error_is_below_round_to_nearest_sign_binarization(method, options, laye
 
 @pytest.mark.parametrize("module,method,options", [
     (billm_module, "billm", {"blocksize": 32}), (billm_module, "arb-rc", {"blocksize": 32, "refit_scales": False}),
-    (grouped_module, "gptq", {"bits": 3, "group_size": 32}), (grouped_module, "db-llm", {"refit_scales": False})])
+    (grouped_module, "gptq", {"bits": 3, "group_size": 32}), (grouped_module, "db-llm", {"refit_scales": False}),
+    (grouped_module, "db-llm", {"planes": 1, "group_size": 32, "refit_scales": False})])
 def test_packed_bits_decode_to_exactly_what_the_gptq_loop_chose(module, method, options, layer_problem, monkeypatch):
     W, H = layer_problem
     seen = {}
@@ -71,6 +72,14 @@ def test_dual_binarization_beats_the_2bit_uniform_grid(layer_problem):
     assert _error("db-llm", {}, W, H) < 0.9 * _error("gptq", {"bits": 2}, W, H)
 
 
+def test_binary_planes_trade_bits_for_error(layer_problem):
+    """One plane with group scales lies between the per-row sign code and two planes, in bits and in error."""
+    W, H = layer_problem
+    one_row, one_grouped, two = (_error("db-llm", o, W, H) for o in ({"planes": 1}, {"planes": 1, "group_size": 32}, {}))
+    assert two < one_grouped < one_row
+    assert one_row < 0.9 * _error("rtn-sign", {}, W, H)  # the free offset, ALS and error feedback pay
+
+
 def test_arb_refinement_improves_on_billm(layer_problem):
     W, H = layer_problem
     billm = _error("billm", {"blocksize": 32}, W, H)
@@ -86,6 +95,7 @@ def test_bits_per_weight_count_every_scale_and_mask(layer_problem):
     assert bits("gptq", {"bits": 2}) == 2 * N * 128 + 2 * N * 16  # planes + one step + one mean per row
     assert bits("gptq", {"bits": 2, "group_size": 32}) == 2 * N * 128 + 2 * N * 3 * 16
     assert bits("db-llm", {}) == 2 * N * 128 + 3 * N * 16
+    assert bits("db-llm", {"planes": 1, "group_size": 32}) == N * 128 + 2 * N * 3 * 16  # one α and one μ per group
     # two planes, 4 scales + 3 means per row and block, the salient-column mask (padded to 64 bits)
     assert bits("billm", {"blocksize": 32}) == 2 * N * 128 + 7 * N * 3 * 16 + 128
     # ARB-RC: no means; column scales per term
