@@ -75,9 +75,8 @@ def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str, windows:
         recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
     elif family == "pb-llm" and not config.get("order_search", False):
         recipe, family = recipe + NO_ORDER_SEARCH, family + NO_ORDER_SEARCH  # before the order search became the default
-    for stage in ("tune",):  # stages off by default: their own line on the plot, beside the runs without
-        if config.get(stage):
-            recipe, family = f"{recipe} +{stage}", f"{family} +{stage}"
+    if config.get("tune"):  # the tuning stage: its own line on the plot, beside the untuned runs
+        recipe, family = recipe + " +tune", family + " +tune"
     rotate = config.get("rotate", "none")
     return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": family,
             "rotate": rotate, "seed": quant["calibration"].get("seed"), "nsamples": quant["calibration"].get("nsamples"),

@@ -46,9 +46,9 @@ def ppl_cell(run: dict | None) -> str:
     return f"{run['ppl']['wikitext2']:.2f}" if run else "not yet run"
 
 
-def llama_rows(runs: Path) -> tuple[list[list[str]], dict[str, tuple[float, float]]]:
+def llama_rows(runs: Path) -> list[list[str]]:
     bits = {Path(c["file"]).stem.split("-")[-1]: c for c in json.loads((runs / "gguf-bits.json").read_text())}
-    rows, points = [], {}
+    rows = []
     for t in TYPES:
         c = bits.get(t)
         if c is None:
@@ -58,9 +58,7 @@ def llama_rows(runs: Path) -> tuple[list[list[str]], dict[str, tuple[float, floa
         types = ", ".join(f"{k} {v:.1%}" for k, v in sorted(c["weight_share_by_type"].items(), key=lambda kv: -kv[1]))
         rows.append([t, f"{c['bits_per_weight']:.3f}", types, f"{c['file_bytes'] / 2**20:.0f}",
                      str(QUANTIZE_SECONDS.get(t, "–")), ppl_cell(run)])
-        if run:
-            points[t] = (c["bits_per_weight"], run["ppl"]["wikitext2"])
-    return rows, points
+    return rows
 
 
 def front_rows(summary: list[dict]) -> list[list[str]]:
@@ -134,9 +132,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results/qwen.json"))
     args = p.parse_args()
     float_run = load(args.runs / f"float.{WINDOWS}.json")
-    rows, llama = llama_rows(args.runs)
+    rows = llama_rows(args.runs)
     pareto = json.loads(args.pareto.read_text())
-    ours = [r for r in pareto["summary"] if r["tool"] == "llmbin"]
     probe = json.loads(args.probe.read_text())
     notes = json.loads(args.notes.read_text()) if args.notes else {}
     sec = float_run["eval_seconds"] / WINDOWS if float_run else None
@@ -274,7 +271,8 @@ def main() -> None:
         "sections": sections,
     }
     args.out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {args.out}: {len(llama)} llama.cpp types and {len(ours)} llmbin runs evaluated")
+    tools = [r["tool"] for r in pareto["summary"]]
+    print(f"wrote {args.out}: {tools.count('llama.cpp')} llama.cpp types and {tools.count('llmbin')} llmbin runs evaluated")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ class QuantConfig:
             raise LlmbinError(f"--distill-epochs must be >= 1 and --distill-lr > 0, got {self.distill_epochs} and "
                               f"{self.distill_lr}")
 
-
     def to_dict(self) -> dict:
         """The record of these options. A stage added later that is off, or an option added later at its
         default, records nothing, so a run or checkpoint written before it existed keeps its record (and

@@ -14,8 +14,8 @@ from llmbin.registry import method_function
 ARB_X = {"refine_iters": 15, "refit_scales": True}  # recipes/arb-x.yaml: BiLLM with ARB's refinement and the refit
 SETTINGS = [("rtn-sign", {}), ("gptq", {"bits": 2}), ("gptq", {"bits": 3, "group_size": 32}),
             ("gptq", {"bits": 4}), ("db-llm", {}), ("db-llm", {"group_size": 32, "refit_scales": False}),
-            ("db-llm", {"planes": 1, "group_size": 32}), ("billm", {"blocksize": 32}), ("billm", {**ARB_X, "blocksize": 32}), ("arb-rc", {"blocksize": 32}),
-            ("pb-llm", {})]
+            ("db-llm", {"planes": 1, "group_size": 32}), ("billm", {"blocksize": 32}),
+            ("billm", {**ARB_X, "blocksize": 32}), ("arb-rc", {"blocksize": 32}), ("pb-llm", {})]
 
 
 def _run(method, options, W, H):
