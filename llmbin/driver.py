@@ -271,13 +271,20 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index) 
     while names:  # each float weight is dropped as soon as its layer is packed
         name = names.pop(0)
         linear = linears.pop(name)
-        H = hessians.pop(name, linear.in_features, names)
         W = linear.weight.detach()
-        if not torch.isfinite(H).all():
-            raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
-        weight = quantize_layer(method, W, H, config, layer_rotation(config, f"{index}.{name}"))
+        # the Hessian is handed over, not kept here: rotated, its original is freed while the method runs
+        # (one K × K matrix fewer at the block's peak, 321 MB for Qwen2.5-1.5B's down_proj, 3.3 GB for 70B's)
+        weight = quantize_layer(method, W, _finite_hessian(hessians, name, linear.in_features, names, index), config,
+                                layer_rotation(config, f"{index}.{name}"))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])
-        del linear, W, H, weight
+        del linear, W, weight
     return packed
+
+
+def _finite_hessian(hessians: "_Hessians", name: str, columns: int, later: list[str], index: int) -> torch.Tensor:
+    H = hessians.pop(name, columns, later)
+    if not torch.isfinite(H).all():
+        raise LlmbinError(f"block {index} {name} saw NaN or infinite activations in calibration; check the model and data")
+    return H

@@ -202,3 +202,30 @@ def test_the_driver_applies_the_refit_stage_around_the_method(method, options, m
         assert torch.equal(packed.alpha, inline.alpha) and torch.equal(packed.planes, inline.planes)
         assert (packed.mu is None and inline.mu is None) or torch.equal(packed.mu, inline.mu)
         assert not torch.equal(packed.alpha, fitted.alpha)  # the stage ran
+
+
+@pytest.mark.parametrize("rotate", ["none", "input"])
+def test_a_layers_own_hessian_is_not_kept_by_the_driver_while_its_method_runs(rotate, monkeypatch):
+    """Rotated, the method works on a new H: the driver must not keep the original alive beside it
+    (a 70B down_proj's is 3.3 GB). Unrotated, the method's H is the original itself."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import llmbin.driver as driver
+
+    real, seen = driver.quantize_layer, []
+
+    def spy(method, W, H, config, rotation):
+        original, handed = StorageWeakRef(H.untyped_storage()), [H]
+        del H
+
+        def checked(W2, H2, config2):
+            seen.append(original.expired())
+            return method(W2, H2, config2)
+        return real(checked, W, handed.pop(), config, rotation)
+
+    monkeypatch.setattr(driver, "quantize_layer", spy)
+    model = tiny_model("llama")
+    llmbin.quantize(model, llmbin.PBLLMConfig(rotate=rotate), CALIB, progress=False)
+    blocks = len(decoder_layers(model))
+    # q, k, v share one H, and gate, up another: each is freed with its last layer; o_proj's and down_proj's are their own
+    assert seen.count(True) == (0 if rotate == "none" else 4 * blocks), seen

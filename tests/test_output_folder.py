@@ -108,18 +108,22 @@ def test_a_full_disk_is_a_one_line_error_with_nothing_half_written(tiny_model_di
                                                                     monkeypatch, size):
     disk = tmp_path / "disk"
     mounted = _small_disk(disk, size)
-    if not mounted:  # without root: the writer reports what a full disk reports
-        from safetensors.torch import save_file as real_save
+    if not mounted:  # without root: the writer meets what a full disk raises, while writing a tensor
+        from llmbin.checkpoint import tensors
 
-        writes = {"left": 0 if size == "12k" else 99}
+        real_write, writes = tensors.write_streamed, {"left": 0 if size == "12k" else 99}
 
-        def filling(tensors, path, metadata=None):
+        def filling(path, shapes, fetch, layers):
             writes["left"] -= 1
-            if writes["left"] < 0 or (size == "64k" and "tmp-" in str(path)):
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return real_save(tensors, path, metadata=metadata)
 
-        monkeypatch.setattr("llmbin.checkpoint.tensors.save_file", filling)
+            def fetch_or_full(name):
+                if writes["left"] < 0 or (size == "64k" and "tmp-" in str(path)):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                return fetch(name)
+            return real_write(path, shapes, fetch_or_full, layers)
+
+        monkeypatch.setattr("llmbin.checkpoint.tensors.write_streamed", filling)
+        monkeypatch.setattr("llmbin.checkpoint.shards.write_streamed", filling)
     try:
         assert _quantize(tiny_model_dir, text_file, disk / "ckpt") == 2
         assert "no space left on the device while writing" in _one_line_error(capsys)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 ALGORITHM = "xxh3_128"
+DIGEST_CHARS = 32  # a digest's width in hex: every digest of a file has it, so a header can be sized before they are known
 CHUNK_BYTES = 64 << 20  # large tensors are hashed in pieces of this size
 TORCH_DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
                      torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
@@ -33,13 +35,25 @@ def _hasher(name: str, dtype: str, shape) -> "object":
     return h
 
 
-def tensor_digest(name: str, tensor: torch.Tensor) -> str:
-    """The digest of ``tensor`` stored under ``name`` (any device; read as it will be written)."""
+def stored_bytes(tensor: torch.Tensor) -> Iterator[memoryview]:
+    """A tensor's bytes as a safetensors file stores them (little-endian, row-major), in pieces of
+    at most ``CHUNK_BYTES``, without copying a CPU tensor that is already contiguous."""
     t = tensor.detach().to("cpu").contiguous()
-    h = _hasher(name, TORCH_DTYPE_NAMES[t.dtype], t.shape)
     raw = t.reshape(-1).view(torch.uint8).numpy()
     for start in range(0, raw.size, CHUNK_BYTES):
-        h.update(memoryview(raw[start:start + CHUNK_BYTES]))
+        yield memoryview(raw[start:start + CHUNK_BYTES])
+
+
+def tensor_hasher(name: str, tensor: torch.Tensor):
+    """A hasher seeded with ``tensor``'s name, dtype and shape: feed it :func:`stored_bytes` to get its digest."""
+    return _hasher(name, TORCH_DTYPE_NAMES[tensor.dtype], tensor.shape)
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """The digest of ``tensor`` stored under ``name`` (any device; read as it will be written)."""
+    h = tensor_hasher(name, tensor)
+    for piece in stored_bytes(tensor):
+        h.update(piece)
     return h.hexdigest()
 
 

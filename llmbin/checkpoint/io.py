@@ -40,9 +40,9 @@ def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
 def round_to_storage(model: torch.nn.Module) -> None:
     """Round every stored float tensor to the checkpoint's storage dtype, in place, so the
     in-memory model computes exactly what the saved-then-loaded one will."""
-    for value in model.state_dict().values():
+    for name, value in model.state_dict().items():
         if value.is_floating_point() and not value.is_meta:
-            value.copy_(as_stored(value))
+            value.copy_(stored_checked(name, value))
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
@@ -78,12 +78,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                     value = sources[key]
                 except (KeyError, TypeError):
                     raise LlmbinError(f"{key} has no weights to save (it is on the meta device); pass its sources") from None
-            stored = as_stored(value)
-            if stored.is_floating_point() and stored.dtype != value.dtype and torch.isinf(stored).any() \
-                    and not torch.isinf(value).any():
-                raise LlmbinError(f"{key} has values beyond the float16 range of the checkpoint; this model cannot be "
-                                  "stored by llmbin's format (scale or clip that tensor first)")
-            return stored
+            return stored_checked(key, value)
 
         write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
                       max_shard_bytes, progress)
@@ -99,6 +94,25 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+NARROWING_CHUNK = 1 << 22  # elements converted and checked at a time: a few MB of temporaries, whatever the tensor
+
+
+def stored_checked(key: str, value: torch.Tensor) -> torch.Tensor:
+    """``as_stored(value)``, converted a chunk at a time so that the overflow check's temporaries stay
+    small (whole-tensor checks cost 1.5 GB on a 150k-token embedding); a value that is finite but
+    beyond the storage dtype's range is refused by name."""
+    dtype = as_stored(torch.empty(0, dtype=value.dtype)).dtype
+    if dtype == value.dtype:
+        return value
+    stored = torch.empty(value.shape, dtype=dtype, device=value.device)
+    for source, target in zip(value.reshape(-1).split(NARROWING_CHUNK), stored.view(-1).split(NARROWING_CHUNK)):
+        target.copy_(source)
+        if torch.isinf(target).any() and not torch.isinf(source).any():
+            raise LlmbinError(f"{key} has values beyond the float16 range of the checkpoint; this model cannot be "
+                              "stored by llmbin's format (scale or clip that tensor first)")
+    return stored
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:

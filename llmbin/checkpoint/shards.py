@@ -4,7 +4,7 @@
 Reading resolves tensor names to files (for source models and llmbin checkpoints alike).
 Writing splits tensors with huggingface_hub's ``split_torch_state_dict_into_shards``, the
 function transformers' ``save_pretrained`` uses (same names, same index, same 5 GB cap), and
-writes one shard at a time, each tensor fetched only when its shard is written.
+writes one tensor at a time, each fetched only when it is written.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..errors import LlmbinError
-from .tensors import write_tensors
+from .tensors import write_streamed
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -57,7 +57,7 @@ def by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
 
 def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Callable[[str], torch.Tensor],
                   layers: Mapping[str, dict], max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
-    """Write tensors as transformers would shard them, one shard resident at a time.
+    """Write tensors as transformers would shard them, one tensor resident at a time.
 
     ``shapes`` maps each name, in order, to a tensor with its stored shape and dtype (a meta
     tensor will do); ``fetch(name)`` returns the tensor itself. Each shard's header describes
@@ -69,16 +69,7 @@ def write_sharded(folder: Path, shapes: Mapping[str, torch.Tensor], fetch: Calla
     written = []
     shards = split.filename_to_tensors.items()
     for filename, names in tqdm(shards, desc="writing checkpoint", unit="shard", disable=not progress or len(shards) < 2):
-        tensors = {}
-        for name in names:
-            tensors[name] = fetch(name)
-            expected = shapes[name]
-            if tensors[name].dtype != expected.dtype or tensors[name].shape != expected.shape:
-                raise LlmbinError(f"{name} is {tuple(tensors[name].shape)} {tensors[name].dtype}, expected "
-                                  f"{tuple(expected.shape)} {expected.dtype}; the finished blocks are damaged, "
-                                  "delete the .partial folder and rerun")
-        write_tensors(folder / filename, tensors, dict(layers))
-        del tensors
+        write_streamed(folder / filename, {name: shapes[name] for name in names}, fetch, dict(layers))
         written.append(folder / filename)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

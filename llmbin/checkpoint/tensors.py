@@ -20,12 +20,12 @@ import contextlib
 import contextvars
 import json
 import os
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import LlmbinError
 from ..packing.packed_weight import (
@@ -33,14 +33,21 @@ from ..packing.packed_weight import (
     READABLE_VERSIONS,
     STORAGE_DTYPE,
 )
-from .digests import ALGORITHM, file_digests, tensor_digest, text_digest
+from .digests import (
+    ALGORITHM,
+    DIGEST_CHARS,
+    TORCH_DTYPE_NAMES,
+    file_digests,
+    stored_bytes,
+    tensor_digest,
+    tensor_hasher,
+    text_digest,
+)
 from .folder import write_error
 
 FORMAT_NAME = "llmbin-packed"
 FORMAT_KEY = "llmbin_format"  # "format" itself is transformers' ("pt")
-SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-                      "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-                      "BOOL": torch.bool}  # a safetensors header's dtype names
+SAFETENSORS_DTYPES = {name: dtype for dtype, name in TORCH_DTYPE_NAMES.items()}  # a safetensors header's dtype names
 DIGESTS_KEY, LAYERS_DIGEST = "digests", "__layers__"
 FIRST_DIGESTED_VERSION = 5
 _VERIFY = contextvars.ContextVar("llmbin_verify", default=None)
@@ -76,21 +83,78 @@ def layer_metadata(modules: Mapping[str, torch.nn.Module]) -> dict[str, dict]:
 def file_metadata(layers: dict[str, dict], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """The safetensors header metadata of a file holding ``tensors`` (as they will be stored; more are
     fine, e.g. every shard's) and (some of) the packed ``layers``."""
+    return _metadata(layers, {name: tensor_digest(name, value) for name, value in tensors.items()})
+
+
+def _metadata(layers: dict[str, dict], digests: Mapping[str, str]) -> dict[str, str]:
     described = json.dumps(layers, sort_keys=True)
-    digests = {name: tensor_digest(name, value) for name, value in tensors.items()}
-    digests[LAYERS_DIGEST] = text_digest(described)
+    digests = {**digests, LAYERS_DIGEST: text_digest(described)}
     return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": described,
             "digest_algorithm": ALGORITHM, DIGESTS_KEY: json.dumps(digests, sort_keys=True)}
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> None:
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], layers: dict[str, dict]) -> None:
     """Write ``tensors`` (on any device) plus the description of the packed ``layers`` among them."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    write_streamed(path, {k: v.to("meta") for k, v in tensors.items()}, tensors.__getitem__, layers)
+
+
+def write_streamed(path: Path, shapes: Mapping[str, torch.Tensor], fetch: Callable[[str], torch.Tensor],
+                   layers: dict[str, dict]) -> None:
+    """Write a safetensors file one tensor at a time: ``shapes`` gives each tensor's stored shape and
+    dtype (a meta tensor will do), ``fetch(name)`` the tensor, which is checked against it, written,
+    hashed and released before the next is fetched. At most one tensor is resident, whatever the
+    file's size.
+
+    The header goes first with every digest zeroed (a digest's width is fixed, so the header's
+    length is known) and is rewritten in place once the data has been hashed. Tensors are laid out
+    as safetensors lays them out (widest dtype first, then by name), each aligned to its dtype."""
+    names = sorted(shapes, key=lambda n: (-shapes[n].element_size(), n))
+    entries, offset = {}, 0
+    for name in names:
+        end = offset + shapes[name].numel() * shapes[name].element_size()
+        entries[name] = {"dtype": TORCH_DTYPE_NAMES[shapes[name].dtype], "shape": list(shapes[name].shape),
+                         "data_offsets": [offset, end]}
+        offset = end
+
+    def header(digests: Mapping[str, str]) -> bytes:
+        text = json.dumps({"__metadata__": _metadata(layers, digests), **entries}, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-aligned, as safetensors pads it
+        return struct.pack("<Q", len(text)) + text
+
+    digests = dict.fromkeys(names, "0" * DIGEST_CHARS)
+    placeholder = header(digests)
     try:
-        save_file(tensors, str(path), metadata=file_metadata(layers, tensors))
-    except (OSError, SafetensorError) as exc:
+        with open(path, "wb") as f:
+            f.write(placeholder)
+            for name in names:
+                tensor = fetch(name)
+                expected = shapes[name]
+                if tensor.dtype != expected.dtype or tensor.shape != expected.shape:
+                    raise LlmbinError(f"{name} is {tuple(tensor.shape)} {tensor.dtype}, expected "
+                                      f"{tuple(expected.shape)} {expected.dtype}; the finished blocks are damaged, "
+                                      "delete the .partial folder and rerun")
+                digests[name] = _write_hashed(f, name, tensor)
+                del tensor
+            final = header(digests)
+            if len(final) != len(placeholder):
+                raise AssertionError(f"{path}: a digest is not {DIGEST_CHARS} hex characters wide")
+            f.seek(0)
+            f.write(final)
+    except OSError as exc:
         Path(path).unlink(missing_ok=True)
         raise write_error(exc, path) from None
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+def _write_hashed(f, name: str, tensor: torch.Tensor) -> str:
+    """Append ``tensor``'s bytes to ``f`` and return its digest (a function, so no view of it outlives the call)."""
+    h = tensor_hasher(name, tensor)
+    for piece in stored_bytes(tensor):
+        h.update(piece)
+        f.write(piece)
+    return h.hexdigest()
 
 
 def verify_file(path: Path, metadata: dict[str, str]) -> None:
