@@ -218,6 +218,16 @@ def _find_row(record_rel: str, section_id: str, first_cells: list) -> dict:
     raise KeyError(f"{record_rel}: no row {first_cells} in section {section_id}")
 
 
+def qwen_lines() -> list[str]:
+    """The Qwen2.5-Coder-1.5B points against llama.cpp, from its pareto record (first N test windows)."""
+    qwen = _load("docs/pareto-qwen.json")
+    rows = sorted(qwen["summary"], key=lambda r: r["bits_per_weight"])
+    points = "; ".join(f"{r['setting'].removesuffix(' + imatrix')} {r['ppl']:.2f} at {r['bits_per_weight']:.3f}" for r in rows)
+    return [f"- Qwen2.5-Coder-1.5B, first {rows[0]['windows']} wikitext-2 test windows (float {qwen['float_ppl']:.2f}), "
+            "ppl at true bits of the block linears:",
+            f"  {points} (2-core AMD EPYC VM; [Qwen](docs/results/qwen.md))."]
+
+
 def readme_block() -> str:
     pareto = _load(PARETO)
     labels = machine_labels(pareto)
@@ -255,6 +265,7 @@ def readme_block() -> str:
         f"  ({scale['machine_short']}; [scale](docs/results/scale.md)).",
         f"- Zero-shot, mean accuracy over {len(next(iter(zeroshot.values()))['scored'])} tasks: {zs}",
         f"  ({zs_section['machine_short']}; [zero-shot](docs/results/zeroshot.md)).",
+        *qwen_lines(),
         END,
     ])
 
