@@ -29,7 +29,7 @@ from .shards import (
     shard_files,
     write_sharded,
 )
-from .tensors import STORAGE_DTYPE, as_stored, read_tensors, verification
+from .tensors import STORAGE_DTYPE, read_tensors, stored_checked, stored_dtype, verification
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
@@ -69,7 +69,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
             if id(value) in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once
                 continue
             seen.add(id(value))
-            shapes[key] = torch.empty(value.shape, dtype=as_stored(torch.empty(0, dtype=value.dtype)).dtype, device="meta")
+            shapes[key] = torch.empty(value.shape, dtype=stored_dtype(value.dtype), device="meta")
 
         def fetch(key: str) -> torch.Tensor:
             value = state[key].detach()
@@ -94,25 +94,6 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-NARROWING_CHUNK = 1 << 22  # elements converted and checked at a time: a few MB of temporaries, whatever the tensor
-
-
-def stored_checked(key: str, value: torch.Tensor) -> torch.Tensor:
-    """``as_stored(value)``, converted a chunk at a time so that the overflow check's temporaries stay
-    small (whole-tensor checks cost 1.5 GB on a 150k-token embedding); a value that is finite but
-    beyond the storage dtype's range is refused by name."""
-    dtype = as_stored(torch.empty(0, dtype=value.dtype)).dtype
-    if dtype == value.dtype:
-        return value
-    stored = torch.empty(value.shape, dtype=dtype, device=value.device)
-    for source, target in zip(value.reshape(-1).split(NARROWING_CHUNK), stored.view(-1).split(NARROWING_CHUNK)):
-        target.copy_(source)
-        if torch.isinf(target).any() and not torch.isinf(source).any():
-            raise LlmbinError(f"{key} has values beyond the float16 range of the checkpoint; this model cannot be "
-                              "stored by llmbin's format (scale or clip that tensor first)")
-    return stored
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:

@@ -70,9 +70,33 @@ def verification(enabled: bool | None):
         _VERIFY.reset(token)
 
 
+def stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the checkpoint stores a tensor of ``dtype`` in: floats in ``STORAGE_DTYPE``, packed codes as they are."""
+    return STORAGE_DTYPE if dtype.is_floating_point else dtype
+
+
 def as_stored(value: torch.Tensor) -> torch.Tensor:
-    """A tensor as the checkpoint stores it: floats in ``STORAGE_DTYPE``, packed codes as they are."""
-    return value.to(STORAGE_DTYPE) if value.is_floating_point() else value
+    """A tensor as the checkpoint stores it (:func:`stored_dtype`)."""
+    return value.to(stored_dtype(value.dtype))
+
+
+NARROWING_CHUNK = 1 << 22  # elements converted and checked at a time: a few MB of temporaries, whatever the tensor
+
+
+def stored_checked(key: str, value: torch.Tensor) -> torch.Tensor:
+    """``as_stored(value)``, converted a chunk at a time so that the overflow check's temporaries stay
+    small (whole-tensor checks cost 1.5 GB on a 150k-token embedding); a value that is finite but
+    beyond the storage dtype's range is refused by name."""
+    dtype = stored_dtype(value.dtype)
+    if dtype == value.dtype:
+        return value
+    stored = torch.empty(value.shape, dtype=dtype, device=value.device)
+    for source, target in zip(value.reshape(-1).split(NARROWING_CHUNK), stored.view(-1).split(NARROWING_CHUNK)):
+        target.copy_(source)
+        if torch.isinf(target).any() and not torch.isinf(source).any():
+            raise LlmbinError(f"{key} has values beyond the float16 range of the checkpoint; this model cannot be "
+                              "stored by llmbin's format (scale or clip that tensor first)")
+    return stored
 
 
 def layer_metadata(modules: Mapping[str, torch.nn.Module]) -> dict[str, dict]:

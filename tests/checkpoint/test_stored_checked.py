@@ -3,16 +3,15 @@ import pytest
 import torch
 
 import llmbin
-from llmbin.checkpoint import io
-from llmbin.checkpoint.io import stored_checked
-from llmbin.checkpoint.tensors import STORAGE_DTYPE
+from llmbin.checkpoint import tensors
+from llmbin.checkpoint.tensors import STORAGE_DTYPE, stored_checked
 from llmbin.errors import LlmbinError
 from tests.conftest import tiny_model
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(io, "NARROWING_CHUNK", 7)  # every tensor below crosses chunk boundaries
+    monkeypatch.setattr(tensors, "NARROWING_CHUNK", 7)  # every tensor below crosses chunk boundaries
 
 
 @pytest.mark.parametrize("value", [torch.randn(13, 9), torch.randn(9, 13).t(), torch.tensor(2.5), torch.empty(0, 3),
