@@ -22,7 +22,11 @@ def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
     A dead input (never non-zero in calibration) has ``H_jj = 0``; its weights cannot affect
     the output on calibration data (:func:`prepare_hessian` zeroes them)."""
-    H = H.clone()
+    return damped_hessian_(H.clone(), percdamp)
+
+
+def damped_hessian_(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """:func:`damped_hessian` in place, for an ``H`` nobody else holds (a rotated copy)."""
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     damp = percdamp * torch.mean(torch.diag(H))
@@ -30,11 +34,13 @@ def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return H
 
 
-def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(W, H)`` with dead inputs zeroed in ``W`` and ``H`` damped (:func:`damped_hessian`)."""
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float,
+                    in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(W, H)`` with dead inputs zeroed in ``W`` and ``H`` damped (:func:`damped_hessian`,
+    or :func:`damped_hessian_` with ``in_place``: one ``K × K`` copy fewer)."""
     W = W.clone()
     W[:, torch.diag(H) == 0] = 0.0
-    return W, damped_hessian(H, percdamp)
+    return W, (damped_hessian_ if in_place else damped_hessian)(H, percdamp)
 
 
 def prepared_inverse(W: torch.Tensor, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:

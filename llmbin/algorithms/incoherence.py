@@ -14,6 +14,7 @@ import torch
 from ..config import QuantConfig
 from ..errors import LlmbinError
 from ..packing.rotation import LayerRotation, layer_seed, split_size
+from .levels import row_slices
 
 
 def layer_rotation(config: QuantConfig, key: str) -> LayerRotation | None:
@@ -47,11 +48,41 @@ def check_rotatable(config: QuantConfig, shapes: dict[str, tuple[int, int]]) -> 
                           f"({reason}){more}; use {fix}")
 
 
+ROTATE_CHUNK_BYTES = 64 << 20  # float32 rows (or columns) transformed at once
+
+
+def _rows(T, x: torch.Tensor) -> torch.Tensor:
+    """A new float32 ``x`` with each row ``v`` replaced by ``T·v``, in row chunks: the transform's
+    Kronecker steps copy a chunk a few times, not the whole matrix (a 70B down_proj's is 3.3 GB)."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for rows in row_slices(x.shape[0], 4 * x.shape[1], ROTATE_CHUNK_BYTES):
+        out[rows] = T.apply(x[rows].float())
+    return out
+
+
+def _columns_(T, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each column ``v`` replaced by ``T·v``, in place, in column chunks."""
+    for cols in row_slices(x.shape[1], 4 * x.shape[0], ROTATE_CHUNK_BYTES):
+        x[:, cols] = T.apply(x[:, cols].T).T
+    return x
+
+
+def _symmetrized_(H: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``(H + Hᵀ) / 2`` in place, block pair by block pair (the same sums, bit for bit, without a copy)."""
+    for i in range(0, H.shape[0], block):
+        for j in range(i, H.shape[0], block):
+            mean = (H[i:i + block, j:j + block] + H[j:j + block, i:i + block].T) / 2
+            H[i:i + block, j:j + block] = mean
+            H[j:j + block, i:i + block] = mean.T
+    return H
+
+
 def rotate_problem(W: torch.Tensor, H: torch.Tensor, rotation: LayerRotation) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S·W·Tᵀ, T·H·Tᵀ)``; new tensors (``H`` may be shared with other layers)."""
+    """``(S·W·Tᵀ, T·H·Tᵀ)``; new tensors (``H`` may be shared with other layers). Besides the
+    caller's ``W`` and ``H``, one copy of each and a few chunks exist at the peak."""
     T, S = rotation.transforms(tuple(W.shape), W.device, torch.float32)
-    W = T.apply(W.float())  # each row w -> T·w
+    W = _rows(T, W)  # each row w -> T·w
     if S is not None:
-        W = S.apply(W.T).T.contiguous()
-    H = T.apply(T.apply(H.float()).T)  # rows of H: H·Tᵀ; rows of its transpose T·H: T·H·Tᵀ
-    return W, (H + H.T) / 2  # symmetric to the last bit, as Cholesky-based methods expect
+        W = _columns_(S, W)
+    # rows of H: H·Tᵀ; then its columns: (T·H·Tᵀ)ᵀ, symmetric to the last bit as Cholesky-based methods expect
+    return W, _symmetrized_(_columns_(T, _rows(T, H)))

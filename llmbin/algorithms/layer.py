@@ -27,10 +27,13 @@ from .scales import refit_scales
 MethodFn = Callable[[torch.Tensor, torch.Tensor, QuantConfig], PackedWeight]
 
 
-def refit_stage(packed: PackedWeight, W: torch.Tensor, H: torch.Tensor, config: QuantConfig) -> PackedWeight:
+def refit_stage(packed: PackedWeight, W: torch.Tensor, H: torch.Tensor, config: QuantConfig,
+                own_hessian: bool = False) -> PackedWeight:
     """``packed`` with its scales refitted (``scales.refit_scales``) to ``W`` under ``H``, both
-    prepared as the methods prepare them (float32, dead inputs zeroed, ``H`` damped)."""
-    return refit_scales(packed, *prepare_hessian(W.float(), H.float(), config.percdamp))
+    prepared as the methods prepare them (float32, dead inputs zeroed, ``H`` damped: in place
+    when ``own_hessian`` says that nobody else holds this float32 ``H``)."""
+    owned = own_hessian and H.dtype == torch.float32
+    return refit_scales(packed, *prepare_hessian(W.float(), H.float(), config.percdamp, in_place=owned))
 
 
 def quantize_layer(method: MethodFn, W: torch.Tensor, H: torch.Tensor, config: QuantConfig,
@@ -40,6 +43,6 @@ def quantize_layer(method: MethodFn, W: torch.Tensor, H: torch.Tensor, config: Q
     if rotation is not None:
         W, H = rotate_problem(W, H, rotation)
     packed = method(W, H, config)
-    if config.wants_refit():
-        packed = refit_stage(packed, W, H, config)
+    if config.wants_refit():  # a rotated H is this function's own copy, damped in place
+        packed = refit_stage(packed, W, H, config, own_hessian=rotation is not None)
     return packed if rotation is None else replace(packed, rotation=rotation)

@@ -29,13 +29,32 @@ def argmin0(d: torch.Tensor) -> torch.Tensor:
     return best
 
 
+ROW_CHUNK_BYTES = 32 << 20  # the temporaries of a whole-matrix step, per slice of rows
+
+
+def row_slices(n: int, row_bytes: int, budget: int | None = None) -> list[slice]:
+    """Balanced slices of ``n`` rows of ``row_bytes`` each, about ``budget`` bytes a slice
+    (``ROW_CHUNK_BYTES`` by default; one slice when everything fits). Balanced, so that no slice
+    is a lone row: a batched product's rows come out bit for bit the same in any slicing,
+    except through BLAS's single-row path."""
+    parts = max(1, min(n, -(-n * row_bytes // (budget or ROW_CHUNK_BYTES))))
+    return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
 def nearest_signs(W: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Signs ``(P, N, K)`` (±1) of the level nearest to each weight; ``mu (N,)``, ``alpha (P, N)``."""
+    """Signs ``(P, N, K)`` (±1) of the level nearest to each weight; ``mu (N,)``, ``alpha (P, N)``.
+    Over row slices: the distances to all ``2^P`` levels are ``2^P`` copies of the rows."""
     P = alpha.shape[0]
     patterns = sign_patterns(P, W.dtype, W.device)  # (L, P)
     levels = mu[None] + patterns @ alpha  # (L, N)
-    best = argmin0((W.unsqueeze(0) - levels.unsqueeze(-1)).abs())  # (N, K)
-    return patterns[best].permute(2, 0, 1)
+    slices = row_slices(W.shape[0], 2 * len(patterns) * W.shape[-1] * W.element_size())
+    if len(slices) == 1:  # the GPTQ loop's one column at a time
+        return patterns[argmin0((W.unsqueeze(0) - levels.unsqueeze(-1)).abs())].permute(2, 0, 1)
+    signs = W.new_empty(P, *W.shape)
+    for rows in slices:
+        best = argmin0((W[rows].unsqueeze(0) - levels[:, rows].unsqueeze(-1)).abs())  # (n, K)
+        signs[:, rows] = patterns[best].permute(2, 0, 1)
+    return signs
 
 
 def compose(mu: torch.Tensor, alpha: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:

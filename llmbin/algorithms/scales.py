@@ -26,7 +26,8 @@ coupling to the other groups kept) never raises it; this is ARB-X's calibration-
 refinement, generalised. The error is a sum over rows and every scale belongs to one row, so
 rows are solved in chunks, and ``H`` is read in column chunks cast to float64 one at a time:
 every float64 array is at most ``REFIT_CHUNK_BYTES`` (times the number of scale terms for the
-bases). A float64 copy of a 70B down_proj's ``H`` alone would be 6.6 GB.
+bases and their products with ``H``), and the row-batched products copy their operands a slice of
+rows at a time. A float64 copy of a 70B down_proj's ``H`` alone would be 6.6 GB.
 """
 from __future__ import annotations
 
@@ -38,16 +39,19 @@ import torch
 from ..packing.bitpack import unpack_bits, unpack_codes
 from ..packing.packed_weight import STORAGE_DTYPE, PackedWeight, stored_float
 from ..packing.positions import decode_positions
-from .levels import argmin0, nearest_signs, sign_patterns
+from .levels import argmin0, nearest_signs, row_slices, sign_patterns
 
 
 def solve_scales(W: torch.Tensor, keep: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares ``(μ, α)`` per row for fixed signs over ``keep``; rows whose system is singular
     (too few or degenerate members) come back NaN."""
-    k = keep.to(W.dtype)
-    basis = torch.cat([k.unsqueeze(0), signs * k], dim=0)  # (P+1, N, K)
-    A = torch.einsum("pnk,qnk->npq", basis, basis).double()
-    b = torch.einsum("pnk,nk->np", basis, W).double()
+    A, b = [], []
+    for rows in row_slices(W.shape[0], 3 * (signs.shape[0] + 1) * W.shape[1] * W.element_size()):
+        k = keep[rows].to(W.dtype)
+        basis = torch.cat([k.unsqueeze(0), signs[:, rows] * k], dim=0)  # (P+1, n, K)
+        A.append(torch.einsum("pnk,qnk->npq", basis, basis))
+        b.append(torch.einsum("pnk,nk->np", basis, W[rows]))
+    A, b = torch.cat(A).double(), torch.cat(b).double()
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     scale = A.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)[:, None, None]
     L, info = torch.linalg.cholesky_ex(A + 1e-10 * scale * eye)
@@ -166,10 +170,13 @@ def _chunk_bases(pw: PackedWeight, bits: torch.Tensor, free: torch.Tensor) -> to
 
 
 def _times_h(R: torch.Tensor, H: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """``R @ H[rows, :]`` in float64, reading ``H`` in column chunks."""
+    """``R @ H[rows, :]`` in float64, reading ``H`` in column chunks into one output."""
     H = H if rows is None else H[rows]
     cols = max(1, REFIT_CHUNK_BYTES // (8 * H.shape[0]))
-    return torch.cat([R @ H[:, c0:c0 + cols].double() for c0 in range(0, H.shape[1], cols)], dim=1)
+    out = torch.empty(R.shape[0], H.shape[1], dtype=torch.float64, device=R.device)
+    for c0 in range(0, H.shape[1], cols):
+        out[:, c0:c0 + cols] = R @ H[:, c0:c0 + cols].double()
+    return out
 
 
 def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int = 1) -> PackedWeight:
@@ -183,6 +190,14 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
     positions, values = _salient_part(pw)
     rows_per_chunk = max(1, REFIT_CHUNK_BYTES // (8 * K))
     expand = lambda p: p.repeat_interleave(gs, dim=-1)[..., :K]  # noqa: E731
+
+    def residual(r0, r1, fixed, B, p):  # W − fixed − Σ_s expand(p_s)·B_s, one term at a time
+        R, fit = W[r0:r1].double() - fixed, expand(p[0]) * B[0]
+        for s in range(1, len(B)):
+            fit += expand(p[s]) * B[s]
+        R -= fit
+        return R
+
     for r0 in range(0, N, rows_per_chunk):
         r1 = min(N, r0 + rows_per_chunk)
         bits = unpack_bits(pw.planes[:, r0:r1], K)
@@ -194,8 +209,7 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
             free.view(-1)[local] = 0.0
             fixed.view(-1)[local] = (bits[0].reshape(-1)[local].double() * 2 - 1) * values[lo:hi]
         B = _chunk_bases(pw, bits, free)
-        residual = lambda p: W[r0:r1].double() - fixed - (expand(p) * B).sum(0)  # noqa: E731
-        R = residual(params[:, r0:r1])
+        R = residual(r0, r1, fixed, B, params[:, r0:r1])
         HR = _times_h(R, H)
         before = (R * HR).sum(1)
         P = new_params[:, r0:r1]  # a view: updated in place
@@ -205,19 +219,26 @@ def refit_scales(pw: PackedWeight, W: torch.Tensor, H: torch.Tensor, sweeps: int
                 A = B[:, :, cols]  # (S, r, w)
                 AH = torch.einsum("snk,kl->snl", A, H[cols, cols].double()) if gs < K else _times_h(
                     A.reshape(-1, K), H).view_as(A)
-                M = torch.einsum("snk,tnk->nst", AH, A)
-                rhs = torch.einsum("snk,nk->ns", A, HR[:, cols])
+                # the row-batched products, a slice of rows at a time (each copies its operands)
+                sub = row_slices(r1 - r0, 8 * A.shape[0] * A.shape[2], REFIT_CHUNK_BYTES)
+                M = torch.cat([torch.einsum("snk,tnk->nst", AH[:, n], A[:, n]) for n in sub])
+                del AH
+                rhs = torch.cat([torch.einsum("snk,nk->ns", A[:, n], HR[n, cols]) for n in sub])
                 ridge = 1e-9 * M.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
                 M = M + ridge[:, None, None] * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
                 delta = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
                 delta = torch.where(torch.isfinite(delta), delta, 0.0)
                 P[:, :, g] += delta.t()
-                change = torch.einsum("snk,ns->nk", A, delta)
+                change = torch.empty(r1 - r0, A.shape[2], dtype=torch.float64, device=W.device)
+                for n in sub:
+                    change[n] = torch.einsum("snk,ns->nk", A[:, n], delta[n])
                 R[:, cols] -= change
                 HR -= _times_h(change, H, cols)
         P.copy_(P.to(STORAGE_DTYPE).double())  # judged as stored
-        R = residual(P)
+        del HR
+        R = residual(r0, r1, fixed, B, P)
         worse = (R * _times_h(R, H)).sum(1) > before
         P[:, worse] = params[:, r0:r1][:, worse]
+        del R, B, free, fixed  # before the next chunk allocates its own
     alpha, mu = new_params[:T].to(STORAGE_DTYPE), new_params[T:].to(STORAGE_DTYPE) if pw.mu is not None else None
     return replace(pw, alpha=alpha, mu=mu)

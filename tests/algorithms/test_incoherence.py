@@ -73,3 +73,23 @@ def test_sizes_that_cannot_be_rotated_are_refused_with_the_setting_that_works():
         check_rotatable(make_config("db-llm", rotate="both"), {"a": (odd, 576)})
     with pytest.raises(LlmbinError, match=r"^--rotate both: a has output size 8198, .*\(and 1 more\); use --rotate none$"):
         check_rotatable(make_config("db-llm", rotate="both"), {"a": (odd, 576), "b": (576, odd)})
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+def test_the_rotation_runs_in_chunks_and_equals_the_whole_matrix_transform(rotation, layer_problem, monkeypatch):
+    """A 70B down_proj's H is 3.3 GB: the transform's Kronecker steps copy a chunk of rows or
+    columns at a time, never the matrix, and give the whole-matrix result."""
+    import llmbin.algorithms.incoherence as incoherence
+    from llmbin.packing.rotation import OrthogonalTransform
+
+    W, H = layer_problem
+    whole = rotate_problem(W, H, rotation)
+    H_before = H.clone()
+    budget, seen, real = 4 * 96 * 10, [], OrthogonalTransform.apply
+    monkeypatch.setattr(incoherence, "ROTATE_CHUNK_BYTES", budget)  # about 10 rows or columns at once
+    monkeypatch.setattr(OrthogonalTransform, "apply", lambda self, x: seen.append(x.numel() * 4) or real(self, x))
+    chunked = rotate_problem(W, H, rotation)
+    assert len(seen) > 10 and max(seen) <= budget
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    assert torch.equal(chunked[1], chunked[1].T) and torch.equal(H, H_before)

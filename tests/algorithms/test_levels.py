@@ -6,11 +6,12 @@ from llmbin.algorithms.levels import (
     compose,
     nearest_signs,
     residual_fit,
+    row_slices,
     sign_patterns,
     squared_error,
     uniform_init,
 )
-from llmbin.algorithms.scales import refine_fit
+from llmbin.algorithms.scales import refine_fit, solve_scales
 
 
 def test_sign_patterns_enumerate_planes_as_bits():
@@ -74,3 +75,29 @@ def test_one_plane_fit_is_least_squares_optimal_over_the_binarized_weights_only(
     assert alpha.max() < 2  # the 50.0 entries did not count
     reference = ((W * keep).abs().mean(1))  # the reference PB-LLM's scale: zeros included, no mean
     assert (best < ((W - reference[:, None] * torch.where(W >= 0, 1.0, -1.0)) ** 2 * keep).sum(1)).all()
+
+
+def test_row_slices_cover_every_row_once_in_balanced_pieces():
+    for n, row_bytes, budget in ((10, 1, 3), (468, 8960 * 24, 32 << 20), (7, 100, 10**9), (5, 100, 1)):
+        slices = row_slices(n, row_bytes, budget)
+        assert torch.equal(torch.cat([torch.arange(n)[s] for s in slices]), torch.arange(n))
+        sizes = [s.stop - s.start for s in slices]
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) * row_bytes <= max(budget, row_bytes) * 2
+    assert len(row_slices(7, 100, 10**9)) == 1
+
+
+def test_whole_matrix_steps_in_row_slices_equal_one_pass(monkeypatch):
+    """Nearest signs and the least-squares scales run over slices of rows (their temporaries are
+    2^P and P + 1 copies of the rows); every row comes out as in one pass."""
+    import llmbin.algorithms.levels as levels
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(45, 70, generator=g)
+    keep = torch.rand(45, 70, generator=g) > 0.2
+    mu, alpha = uniform_init(W, keep, 2)
+    signs, scales = nearest_signs(W, mu, alpha), solve_scales(W, keep, nearest_signs(W, mu, alpha))
+    monkeypatch.setattr(levels, "ROW_CHUNK_BYTES", 70 * 4 * 8 * 6)  # slices of about 6 rows
+    assert len(row_slices(45, 70 * 4 * 8)) > 5
+    assert torch.equal(nearest_signs(W, mu, alpha), signs)
+    for a, b in zip(solve_scales(W, keep, signs), scales):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

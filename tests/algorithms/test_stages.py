@@ -116,3 +116,23 @@ def test_records_written_before_the_stages_moved_still_read():
              "rotate_seed": 0}
     assert config_from_dict(dbllm).to_dict() == dbllm
     assert isinstance(config_from_dict({"method": "arb-x"}), BiLLMConfig)
+
+
+@pytest.mark.parametrize("rotation", [None, LayerRotation(11)])
+def test_the_refit_damps_a_rotated_hessian_in_place_and_never_the_callers(rotation, layer_problem, monkeypatch):
+    """The rotated H is the pipeline's own copy: the refit damps it in place (one K × K matrix
+    fewer, 321 MB for Qwen2.5-1.5B's down_proj), while the caller's H, which other layers may
+    share, is left exactly as it was."""
+    import llmbin.algorithms.incoherence as incoherence
+    import llmbin.algorithms.layer as layer
+
+    W, H = layer_problem
+    H_before, rotated, refitted = H.clone(), [], []
+    real_rotate, real_refit = incoherence.rotate_problem, layer.refit_scales
+    monkeypatch.setattr(layer, "rotate_problem", lambda *a: rotated.append(real_rotate(*a)) or rotated[-1])
+    monkeypatch.setattr(layer, "refit_scales", lambda pw, W, H: refitted.append(H) or real_refit(pw, W, H))
+    config = make_config("db-llm")
+    quantize_layer(method_function(config), W, H, config, rotation)
+    assert torch.equal(H, H_before)
+    expected = rotated[0][1] if rotation is not None else None
+    assert (refitted[0] is expected) == (rotation is not None) and refitted[0] is not H
