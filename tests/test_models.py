@@ -118,6 +118,34 @@ def test_a_missing_or_foreign_tensor_is_an_error_before_any_work(tiny_sharded_di
         open_model(str(folder))
 
 
+@pytest.mark.parametrize("outside", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_an_index_that_names_a_file_outside_its_folder_is_refused(tiny_sharded_dir, tmp_path, outside):
+    """Issue 35's probe: an index mapping a tensor to ``../outside.safetensors`` made quantize read
+    that file and exit 0. Only files inside the folder may be read (links in it are followed, as a
+    hub snapshot's links into its blobs must be)."""
+    import json
+    import shutil
+
+    from llmbin.models import open_model
+
+    folder = _copy(tiny_sharded_dir, tmp_path / "m")
+    shard = next(folder.glob("model-00002-*.safetensors"))
+    shutil.copy(shard, tmp_path / "outside.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = next(n for n, f in index["weight_map"].items() if f == shard.name)
+    index["weight_map"][name] = str(tmp_path / "outside.safetensors") if outside == "ABSOLUTE" else outside
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LlmbinError, match=rf"^{folder}/model.safetensors.index.json maps {name} to .*outside\.safetensors'"
+                                          r", outside the folder; .*fix the index, or download the model again$"):
+        open_model(str(folder))
+    # the same shard as a link to a blob elsewhere, as huggingface_hub lays out a snapshot: read as before
+    index["weight_map"][name] = shard.name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard.unlink()
+    shard.symlink_to(tmp_path / "outside.safetensors")
+    assert open_model(str(folder)).weights.index[name]["safetensors_file"] == str(shard)
+
+
 def test_weights_of_the_wrong_shape_are_a_clear_error(tiny_sharded_dir, tmp_path, tokenizer):
     import json
 

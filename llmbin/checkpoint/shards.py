@@ -32,7 +32,7 @@ def shard_files(folder: str | Path) -> dict[str, Path]:
     try:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: folder / file for name, file in weight_map.items()}
+            files = {name: _inside(folder, name, file) for name, file in weight_map.items()}
             absent = sorted({p.name for p in files.values() if not p.is_file()})
             if absent:
                 raise LlmbinError(f"{folder} lacks the shard(s) {', '.join(absent[:3])} its {SAFETENSORS_INDEX} lists; "
@@ -46,6 +46,16 @@ def shard_files(folder: str | Path) -> dict[str, Path]:
         raise LlmbinError(f"the safetensors weights in {folder} are truncated or corrupt ({exc}); "
                          "copy or download them again, or re-create the checkpoint") from None
     return {}
+
+
+def _inside(folder: Path, name: str, file: str) -> Path:
+    """``folder / file``, refused unless ``file`` is a relative path without ``..``: an index naming
+    ``../x`` or ``/x`` would make llmbin read a file the model does not own. Links are not
+    resolved: a hub snapshot's files are links into its cache's blobs, which is fine."""
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise LlmbinError(f"{folder / SAFETENSORS_INDEX} maps {name} to {file!r}, outside the folder; an index may only "
+                          "name files in its own folder: fix the index, or download the model again")
+    return folder / file
 
 
 def by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:

@@ -1,7 +1,8 @@
 """The C++ CPU kernel, compiled just in time on first use and cached per source, torch and Python
 version under ``$LLMBIN_KERNEL_CACHE`` (default ``~/.cache/llmbin/kernels``); a source change (an
 entry point's arguments included) or a torch upgrade builds a fresh copy instead of loading a
-stale binary, and a loaded build's plan fields are checked against ``KernelPlan``. Without a
+stale binary, and a loaded build's plan fields are checked against ``KernelPlan``. A cache that
+another user could have written is refused (``secure_cache``). Without a
 compiler the build fails once, with a one-line warning, and callers use the plain-torch
 reference path."""
 from __future__ import annotations
@@ -11,9 +12,12 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import warnings
 from pathlib import Path
+
+from ..errors import LlmbinError
 
 try:
     import fcntl
@@ -38,11 +42,43 @@ def build_directory() -> Path:
     other's binary in turn)."""
     import torch
 
-    root = os.environ.get("LLMBIN_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                         "llmbin", "kernels")
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
                          + os.path.realpath(sys.prefix).encode() + os.path.realpath(torch.__file__).encode()).hexdigest()[:12]
-    return Path(root) / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+    return cache_root() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMBIN_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                              "llmbin", "kernels"))
+
+
+def secure_cache(directory: Path) -> None:
+    """Create the build folder (and the cache root) for this user alone, and refuse a cache that
+    someone else could have written: its library is loaded into this process (its constructors
+    run) and its sources and build file are compiled, so a planted file would run as this user.
+    The root and every folder of the build must belong to this user and be writable by no one
+    else; every file in the build must belong to this user and not be a link. A file's own mode
+    does not matter: no one else can reach it in a folder only its owner can write."""
+    if not hasattr(os, "getuid"):  # Windows: no owners or modes to check
+        return
+    root = directory.parent
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    entries = [(root, os.stat(root))]  # the root may be a link the user made (~/.cache elsewhere)
+    for folder, subfolders, files in os.walk(directory):
+        entries += [(Path(folder, name), os.lstat(Path(folder, name))) for name in [*subfolders, *files]]
+        entries.append((Path(folder), os.lstat(folder)))
+    for path, st in entries:
+        if stat.S_ISLNK(st.st_mode):
+            problem, fix = "is a link", f"delete {path}"
+        elif st.st_uid != os.getuid():
+            problem, fix = f"belongs to another user (uid {st.st_uid})", f"delete {path}"
+        elif stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem, fix = f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})", f"run chmod go-w {path}"
+        else:
+            continue
+        raise LlmbinError(f"the CPU kernel cache {path} {problem}, and llmbin loads and compiles what that cache holds: "
+                          f"{fix}, or set LLMBIN_KERNEL_CACHE to a folder only you can write")
 
 
 def cached_sources(directory: Path) -> list[Path]:
@@ -53,7 +89,7 @@ def cached_sources(directory: Path) -> list[Path]:
     for source in SOURCES:
         copy = directory / "src" / source.name
         if not copy.exists():
-            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = copy.with_suffix(f".tmp-{os.getpid()}")
             tmp.write_bytes(source.read_bytes())
             tmp.replace(copy)
@@ -99,10 +135,11 @@ def extension():
     """The compiled module, or None when it cannot be built here."""
     if shutil.which("ninja") is None:  # pip's ninja sits next to this interpreter, maybe not on PATH
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    directory = build_directory()
+    secure_cache(directory)  # outside the try: a cache others can write is refused, not worked around
     try:
         from torch.utils import cpp_extension
 
-        directory = build_directory()
         with build_lock(directory):
             module = cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
                                         build_directory=str(directory),

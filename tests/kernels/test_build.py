@@ -64,3 +64,53 @@ def test_a_process_waiting_for_another_build_says_so(tmp_path, capsys):
         assert line.startswith(f"llmbin: waiting for another process to finish building the CPU kernel in {tmp_path}")
     out, _ = proc.communicate(timeout=60)
     assert out.strip() == "built"
+
+
+def test_a_kernel_cache_that_others_can_write_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    """Issue 35's probe: a library planted in a cache folder with mode 0777 was loaded on first
+    kernel use, and its constructor ran."""
+    import os
+
+    import pytest
+
+    from llmbin.errors import LlmbinError
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LLMBIN_KERNEL_CACHE", str(root))
+    planted = cpu.build_directory()
+    planted.mkdir(parents=True)
+    (planted / "llmbin_packed_cpu.so").write_bytes(b"not a library: loading it would fail loudly")
+    os.chmod(root, 0o777)
+    with pytest.raises(LlmbinError, match=rf"^the CPU kernel cache {root} is writable by other users \(mode 777\), "
+                                          rf".*: run chmod go-w {root}, or set LLMBIN_KERNEL_CACHE to a folder only you"):
+        cpu.extension.__wrapped__()  # the uncached function: an earlier test may have loaded the real kernel
+
+
+def test_the_kernel_cache_is_made_private_and_checked_file_by_file(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    from llmbin.errors import LlmbinError
+
+    old = os.umask(0o002)  # a distribution whose users' files are group-writable by default
+    try:
+        build = tmp_path / "cache" / "build"
+        cpu.secure_cache(build)
+        cpu.cached_sources(build)
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (build.parent, build, build / "src")] == ["0o700"] * 3
+    os.chmod(build / "src", 0o770)
+    with pytest.raises(LlmbinError, match=r"src is writable by other users \(mode 770\)"):
+        cpu.secure_cache(build)
+    os.chmod(build / "src", 0o700)
+    (build / "build.ninja").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LlmbinError, match=r"build.ninja is a link, .*: delete .*build.ninja, or set LLMBIN_KERNEL_CACHE"):
+        cpu.secure_cache(build)
+    (build / "build.ninja").unlink()
+    cpu.secure_cache(build)
+    if os.getuid() == 0:  # only root can give a file away; CI runs as root
+        os.chown(build / "src" / cpu.SOURCES[0].name, 4242, 4242)
+        with pytest.raises(LlmbinError, match=r"belongs to another user \(uid 4242\)"):
+            cpu.secure_cache(build)
