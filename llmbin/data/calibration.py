@@ -8,7 +8,10 @@ from .text import dataset_rows, resolve_text
 
 
 def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``(nsamples, seqlen)`` windows at seeded uniform random offsets (deterministic for a seed)."""
+    """``(nsamples, seqlen)`` windows at seeded uniform random offsets (deterministic for a seed),
+    GPTQ's convention: windows may overlap, but the text must hold ``nsamples × seqlen`` tokens.
+    With less, most tokens would be counted several times while the run records ``nsamples``
+    windows as if they were distinct, so less is refused rather than accepted with a warning."""
     if nsamples < 1 or seqlen < 1:
         raise LlmbinError(f"--nsamples and --seqlen must be positive, got {nsamples} and {seqlen}")
     total = token_ids.numel()
@@ -16,6 +19,11 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
         raise LlmbinError(
             f"calibration text has {total} tokens, shorter than one window of {seqlen}; "
             "use more text or a smaller --seqlen"
+        )
+    if total < nsamples * seqlen:  # the windows would repeat text, which the Hessians then count several times
+        raise LlmbinError(
+            f"calibration text has {total} tokens, fewer than the {nsamples} x {seqlen} = {nsamples * seqlen} asked "
+            f"(--nsamples x --seqlen); use more text, or at most --nsamples {total // seqlen}"
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=generator)

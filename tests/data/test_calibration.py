@@ -23,8 +23,19 @@ def test_text_shorter_than_one_window_is_a_clear_error():
         sample_windows(torch.arange(100), 4, 2048, seed=0)
 
 
-def test_exactly_one_window_is_enough():
-    assert torch.equal(sample_windows(torch.arange(64), 3, 64, 0), torch.arange(64).repeat(3, 1))
+def test_exactly_the_tokens_asked_for_are_enough():
+    assert torch.equal(sample_windows(torch.arange(64), 1, 64, 0), torch.arange(64)[None])
+    assert sample_windows(torch.arange(192), 3, 64, 0).shape == (3, 64)
+
+
+def test_text_shorter_than_the_windows_asked_for_is_refused():
+    """Issue 35's probe: 103 tokens with --nsamples 8 --seqlen 64 were accepted without a word, the
+    windows overlapping while the run recorded 8 of them."""
+    with pytest.raises(LlmbinError, match=r"^calibration text has 103 tokens, fewer than the 8 x 64 = 512 asked "
+                                          r"\(--nsamples x --seqlen\); use more text, or at most --nsamples 1$"):
+        sample_windows(torch.arange(103), 8, 64, seed=0)
+    with pytest.raises(LlmbinError, match="fewer than the 3 x 64 = 192 asked"):
+        sample_windows(torch.arange(191), 3, 64, seed=0)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "txt"])
