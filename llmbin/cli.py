@@ -208,8 +208,16 @@ def _peak_rss_mib() -> float:
 
 
 def _write_json(path: str | None, report: dict) -> None:
+    """Written beside ``path`` and renamed over it: a reader never sees half a report, and a link at
+    ``path`` is replaced, never followed into its target."""
     if path:
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def check_quantize_options(args) -> None:
@@ -427,9 +435,12 @@ def check_device(device: str) -> None:
 
 
 def check_json_target(path: str | None, option: str = "--json") -> None:
-    """``--json``'s (or ``option``'s) folder exists and is writable, so nothing is lost after the work."""
+    """``--json``'s (or ``option``'s) path is not a folder, and its folder exists and is writable, so
+    nothing is lost after the work."""
     if path is None:
         return
+    if Path(path).is_dir():
+        raise LlmbinError(f"{option} {path} is a folder; give a file path, such as {Path(path) / 'report.json'}")
     folder = Path(path).parent
     if not folder.is_dir():
         raise LlmbinError(f"{option} {path}: folder {folder} does not exist; create it first")

@@ -75,6 +75,40 @@ def test_a_json_report_into_a_missing_folder_fails_before_any_work(tiny_model_di
     assert f"folder {tmp_path}/no does not exist" in _one_line_error(capsys)
 
 
+def test_a_json_report_path_that_is_a_folder_fails_before_any_work(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                     no_model_load):
+    """Issue 35's probe: ``llmbin eval ... --json DIR`` ran the whole evaluation, then lost it to
+    ``IsADirectoryError``."""
+    (tmp_path / "reports").mkdir()
+    assert _quantize(tiny_model_dir, text_file, tmp_path / "ckpt", "--json", str(tmp_path / "reports")) == 2
+    assert _one_line_error(capsys) == (f"llmbin: error: --json {tmp_path}/reports is a folder; give a file path, "
+                                       f"such as {tmp_path}/reports/report.json")
+    assert main(["eval", str(tmp_path / "ckpt"), "--json", str(tmp_path / "reports")]) == 2
+    assert f"--json {tmp_path}/reports is a folder" in _one_line_error(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["reports"]
+
+
+def test_a_json_report_replaces_the_file_and_never_writes_through_a_link(tmp_path):
+    """Issue 35's probe: ``--json`` overwrote an existing file in place and followed a link into its
+    target. The report is written beside the path and renamed over it."""
+    import json
+
+    from llmbin.cli import _write_json
+
+    victim, report = tmp_path / "victim.txt", tmp_path / "r.json"
+    victim.write_text("keep me")
+    report.symlink_to(victim)
+    _write_json(str(report), {"ppl": 1.5})
+    assert victim.read_text() == "keep me" and not report.is_symlink() and json.loads(report.read_text()) == {"ppl": 1.5}
+    inode = report.stat().st_ino
+    _write_json(str(report), {"ppl": 2.5})
+    assert report.stat().st_ino != inode and json.loads(report.read_text()) == {"ppl": 2.5}
+    with pytest.raises(TypeError):
+        _write_json(str(report), {"ppl": object()})  # a failed write keeps the last report and leaves no temporary file
+    assert json.loads(report.read_text()) == {"ppl": 2.5} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "r.json", "victim.txt"]
+
+
 def test_a_failed_run_leaves_nothing_that_blocks_the_corrected_rerun(tiny_model_dir, text_file, tmp_path, capsys,
                                                                       monkeypatch):
     out = tmp_path / "ckpt"
