@@ -1,4 +1,7 @@
 """User-facing errors: each message names the problem and the fix, on one line."""
+import errno
+import os
+import stat
 
 
 class LlmbinError(Exception):
@@ -31,3 +34,21 @@ def check_positions(config, seqlen: int, option: str = "--seqlen") -> None:
     if isinstance(limit, int) and seqlen > limit:
         raise LlmbinError(f"{option} {seqlen} is longer than the model's {limit} positions (max_position_embeddings); "
                           f"use {option} {limit} or less")
+
+
+def missing_path(path: "str | os.PathLike", want: str = "file") -> str | None:
+    """Why ``path`` is not the ``want`` ("file" or "folder") the user meant, in words, or None when it
+    is one: it does not exist, is the other kind, is a link to nothing, or a loop of links."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        if os.path.islink(path):
+            return f"is a link to {os.readlink(path)}, which does not exist"
+        return "does not exist"
+    if want == "file" and stat.S_ISDIR(mode):
+        return "is a folder"
+    if want == "folder" and not stat.S_ISDIR(mode):
+        return "is a file, not a folder"
+    return None

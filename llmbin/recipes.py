@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .config import QuantConfig, make_config
-from .errors import LlmbinError
+from .errors import LlmbinError, missing_path
 
 SUFFIX = ".yaml"
 
@@ -43,6 +43,9 @@ def find_recipe(recipe: str | os.PathLike) -> Path:
     path = Path(recipe)
     if path.is_file():
         return path
+    problem = missing_path(path)
+    if problem and problem != "does not exist":  # a folder, a dangling link or a loop: no shipped name to guess
+        raise LlmbinError(f"recipe {recipe} {problem}; give a recipe file (.yaml) or a shipped recipe's name")
     shipped = shipped_recipes()
     name = path.name.removesuffix(SUFFIX)
     if path.name == str(recipe) and name in shipped:  # a bare name; a path that does not exist is not guessed at
@@ -67,12 +70,27 @@ def read_recipe(recipe: str | os.PathLike) -> dict:
 
     path = find_recipe(recipe)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_recipe_loader())
     except yaml.YAMLError as exc:
         raise LlmbinError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict) or "method" not in data:
         raise LlmbinError(f"recipe {path} must be a mapping with a 'method' key and that method's options")
     return data
+
+
+def _recipe_loader():
+    """PyYAML's safe loader, with YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-2`` (no
+    dot) is a string, so ``percdamp: 1e-2`` was refused as if it had been quoted."""
+    import re
+
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789."))
+    return RecipeLoader
 
 
 def recipe_config(recipe: str | os.PathLike, method: str | None = None, **overrides) -> QuantConfig:

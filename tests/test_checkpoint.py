@@ -131,6 +131,17 @@ def test_a_folder_that_is_not_a_checkpoint_is_rejected(tmp_path):
         llmbin.load(tmp_path)
 
 
+def test_a_checkpoint_path_that_is_a_loop_of_links_or_a_file_is_named_as_such(tmp_path):
+    """Issue 35's probe: a loop of symbolic links was reported as "not an llmbin checkpoint"."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("x")
+    for path, problem in ((tmp_path / "loop", "is a loop of symbolic links"), (tmp_path / "file", "is a file, not a folder"),
+                          (tmp_path / "absent", "does not exist")):
+        with pytest.raises(LlmbinError) as info:
+            llmbin.load(path)
+        assert str(info.value) == f"checkpoint {path} {problem}; give the folder llmbin quantize wrote"
+
+
 @pytest.mark.parametrize("method,options", [("rtn-sign", {}), ("gptq", {"bits": 3, "group_size": 32}),
                                             ("db-llm", {}), ("db-llm", {"planes": 1, "group_size": 32}),
                                             ("billm", {"blocksize": 32}),

@@ -72,6 +72,24 @@ def test_a_recipe_value_of_the_wrong_type_is_refused_by_name(tmp_path, line, mes
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("line,value", [("percdamp: 1e-2", 0.01), ("percdamp: 5E-3", 0.005), ("percdamp: 1.0e-2", 0.01),
+                                        ("percdamp: .5e-1", 0.05), ("percdamp: 0.02", 0.02)])
+def test_a_number_in_exponent_notation_is_a_number(tmp_path, line, value):
+    """Issue 35's probe: PyYAML follows YAML 1.1, where ``1e-2`` (no dot) is a string, and the
+    recipe was refused as "quoted in the recipe?". Recipes read numbers as YAML 1.2 does."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: pb-llm\n{line}\n")
+    assert recipe_config(recipe).percdamp == value
+
+
+def test_a_folder_or_a_loop_of_links_as_recipe_is_named_as_such(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, problem in ((tmp_path, "is a folder"), (tmp_path / "loop", "is a loop of symbolic links")):
+        with pytest.raises(LlmbinError) as info:
+            recipe_config(path)
+        assert str(info.value) == f"recipe {path} {problem}; give a recipe file (.yaml) or a shipped recipe's name"
+
+
 # ARBXConfig's record before ARB-X became a recipe (a checkpoint's quantization_config, less the run's keys)
 OLD_ARB_X = {"method": "arb-x", "salient_metric": "hessian", "max_salient_columns": 30, "split_points": 81,
              "refine_iters": 15, "refit_scales": True, "percdamp": 0.01, "blocksize": 128, "rotate": "none",

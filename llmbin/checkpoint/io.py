@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LlmbinError
+from ..errors import LlmbinError, missing_path
 from ..nn.binary_linear import BinaryLinear
 from .folder import remove_stale_temporaries, temporary_dir, write_error
 from .hf_quantizer import QUANT_METHOD
@@ -171,6 +171,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if path.suffix == ".gguf":
         raise LlmbinError(f"{path} is a GGUF file, not an llmbin checkpoint folder: to evaluate the original model use "
                           f"llmbin eval --model {path}")
+    problem = missing_path(path, "folder")
+    if problem:
+        raise LlmbinError(f"checkpoint {path} {problem}; give the folder llmbin quantize wrote")
     if not (path / "config.json").is_file():
         raise LlmbinError(f"{path} is not an llmbin checkpoint (needs config.json and {SAFETENSORS_FILE}); "
                           "create one with llmbin quantize")

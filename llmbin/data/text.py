@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from ..errors import LlmbinError
+from ..errors import LlmbinError, missing_path
 from .paths import LOCAL_FILES, local_file
 
 DATASETS = ("wikitext2", "c4", "ptb")
@@ -14,8 +15,9 @@ def read_text_file(path: str | Path) -> list[str]:
     """Rows of text from a parquet file (``text`` column), a jsonl file (``text`` field) or a txt file
     (UTF-8). A file with no text at all (every row empty or null) is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise LlmbinError(f"data file {path} does not exist; pass an existing .parquet, .jsonl or .txt file")
+    problem = missing_path(path)
+    if problem:
+        raise LlmbinError(f"data file {path} {problem}; pass an existing .parquet, .jsonl or .txt file")
     try:
         rows = _read_rows(path)
     except UnicodeDecodeError as exc:
@@ -113,6 +115,6 @@ def resolve_text(source: str, purpose: str) -> str:
     """A data set name or a file path -> joined text."""
     if source in DATASETS:
         return join_rows(dataset_rows(source, purpose), source)
-    if Path(source).suffix or Path(source).exists():
+    if Path(source).suffix or os.path.lexists(source):
         return join_rows(read_text_file(source))
     raise LlmbinError(f"unknown data source {source!r}; use one of {', '.join(DATASETS)} or a path to a data file")

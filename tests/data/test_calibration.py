@@ -65,6 +65,17 @@ def test_bad_data_files(tmp_path, content, name, match):
         read_text_file(path)
 
 
+def test_a_folder_a_dangling_link_or_a_loop_as_data_is_named_as_such(tmp_path):
+    """Issue 35's probe: a folder passed as --calib-data was reported as "does not exist"."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    for path, problem in ((tmp_path, "is a folder"), (tmp_path / "loop", "is a loop of symbolic links"),
+                          (tmp_path / "dangling.txt", f"is a link to {tmp_path}/gone.txt, which does not exist")):
+        with pytest.raises(LlmbinError) as info:
+            resolve_text(str(path), "calibration")
+        assert str(info.value) == f"data file {path} {problem}; pass an existing .parquet, .jsonl or .txt file"
+
+
 def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "d.parquet")
     with pytest.raises(LlmbinError, match="no 'text' column"):
