@@ -130,6 +130,24 @@ def check_plan_fields(module) -> None:
                            "lists must be the same, in the same order")
 
 
+def build_failure(exc: Exception) -> str:
+    """One line for a failed build: torch's message without the ninja command line it quotes
+    (hundreds of characters), and the compiler's first error, if it printed one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head = lines[0].split(": [", 1)[0]  # "Error building extension 'x': [1/3] c++ -MMD ..."
+    error = next((line for line in lines[1:] if "error" in line.lower() and not line.startswith("FAILED")), None)
+    return f"{head}: {error[:200]}" if error else head[:200]
+
+
+def _fall_back(reason: str) -> None:
+    warnings.warn(f"llmbin: the CPU kernel could not be built ({reason}); using the slower plain-torch reference "
+                  "path. Install a C++ compiler (g++ or clang, or set CXX) and ninja to get it; "
+                  "LLMBIN_KERNEL_VERBOSE=1 shows the build", stacklevel=3)
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled module, or None when it cannot be built here."""
@@ -137,18 +155,26 @@ def extension():
         os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     directory = build_directory()
     secure_cache(directory)  # outside the try: a cache others can write is refused, not worked around
+    compiler = os.environ.get("CXX") or "c++"  # what torch's builder runs
+    verbose = bool(os.environ.get("LLMBIN_KERNEL_VERBOSE"))
+    if shutil.which(compiler) is None:
+        return _fall_back(f"no C++ compiler: {compiler} is not found")
     try:
+        import logging
+
         from torch.utils import cpp_extension
 
-        with build_lock(directory):
-            module = cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
-                                        build_directory=str(directory),
-                                        extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                                        verbose=bool(os.environ.get("LLMBIN_KERNEL_VERBOSE")))
+        torch_log = logging.getLogger(cpp_extension.__name__)
+        level = torch_log.level
+        torch_log.setLevel(logging.DEBUG if verbose else logging.ERROR)  # its banners are many lines; ours is one
+        try:
+            with build_lock(directory):
+                module = cpp_extension.load(name="llmbin_packed_cpu", sources=[str(p) for p in cached_sources(directory)],
+                                            build_directory=str(directory), extra_cflags=FLAGS,
+                                            extra_ldflags=["-fopenmp"], verbose=verbose)
+        finally:
+            torch_log.setLevel(level)
     except Exception as exc:  # noqa: BLE001 (any build failure means: use the reference path)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"llmbin: the CPU kernel could not be built ({reason}); using the slower plain-torch "
-                      "reference path. Install a C++ compiler (g++ or clang) and ninja to get it.", stacklevel=2)
-        return None
+        return _fall_back(build_failure(exc))
     check_plan_fields(module)  # outside the try: a drifted argument list is a bug to report, not a missing compiler
     return module

@@ -114,3 +114,36 @@ def test_the_kernel_cache_is_made_private_and_checked_file_by_file(tmp_path, mon
         os.chown(build / "src" / cpu.SOURCES[0].name, 4242, 4242)
         with pytest.raises(LlmbinError, match=r"belongs to another user \(uid 4242\)"):
             cpu.secure_cache(build)
+
+
+def _build_in_a_fresh_cache(tmp_path, compiler):
+    import os
+
+    env = {**os.environ, "CXX": str(compiler), "LLMBIN_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("LLMBIN_KERNEL_VERBOSE", None)
+    code = "from llmbin.kernels.cpu import extension; assert extension() is None"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line for line in done.stderr.splitlines() if line.strip()]
+
+
+def test_without_a_compiler_the_fallback_says_so_in_one_line(tmp_path):
+    """Issue 35's probe: the fallback printed torch's multi-line banner and a 750-character ninja
+    command instead of one line."""
+    lines = _build_in_a_fresh_cache(tmp_path, tmp_path / "no-such-g++")
+    assert len(lines) == 1 and lines[0].endswith(
+        f"UserWarning: llmbin: the CPU kernel could not be built (no C++ compiler: {tmp_path}/no-such-g++ is not found); "
+        "using the slower plain-torch reference path. Install a C++ compiler (g++ or clang, or set CXX) and ninja to get "
+        "it; LLMBIN_KERNEL_VERBOSE=1 shows the build")
+
+
+def test_a_failed_compile_is_reported_by_its_first_error_without_the_build_command(tmp_path):
+    compiler = tmp_path / "g++"
+    compiler.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo "g++ (GCC) 12.2.0"; exit 0; fi\n'
+                        'echo "packed_matmul_cpu.cpp:1:1: error: boom" >&2\nexit 1\n')
+    compiler.chmod(0o755)
+    lines = _build_in_a_fresh_cache(tmp_path, compiler)
+    warning = [line for line in lines if "UserWarning" in line]
+    assert len(warning) == 1 and "(Error building extension 'llmbin_packed_cpu': packed_matmul_cpu.cpp:1:1: error: boom);" \
+        in warning[0]
+    assert not any("-MMD" in line or "WARNING !!" in line for line in lines), lines
