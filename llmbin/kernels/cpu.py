@@ -36,15 +36,33 @@ TORCH_LOCK = "lock"  # the marker file torch's extension builder waits on, forev
 
 
 def build_directory() -> Path:
-    """The cache folder of this build: keyed by the sources' content, the flags and the Python
-    environment (torch's and Python's header paths are part of the compile command, and ninja
-    rebuilds whenever a command changes, so two environments sharing one folder would rebuild each
-    other's binary in turn)."""
+    """The cache folder of this build: keyed by what makes the binary, and nothing else: the
+    sources' content, the flags, the compiler (resolved), and the Python environment (torch's and
+    Python's header paths are part of the compile command, and ninja rebuilds whenever a command
+    changes, so two environments sharing one folder would rebuild each other's binary in turn)."""
     import torch
 
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
-                         + os.path.realpath(sys.prefix).encode() + os.path.realpath(torch.__file__).encode()).hexdigest()[:12]
+                         + os.path.realpath(sys.prefix).encode() + os.path.realpath(torch.__file__).encode()
+                         + compiler_path().encode()).hexdigest()[:12]
     return cache_root() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
+def compiler_path() -> str:
+    """The C++ compiler torch's builder will run (``$CXX``, else ``c++`` on PATH), resolved; "" if none."""
+    found = shutil.which(os.environ.get("CXX") or "c++")
+    return os.path.realpath(found) if found else ""
+
+
+def use_environment_ninja() -> None:
+    """Put the ninja installed beside this interpreter (pip's, a dependency) first on PATH, for
+    the builds of this process. torch runs whichever ``ninja`` PATH finds first, and ninja
+    versions keep incompatible build logs: the same venv run with and without its ``bin`` on
+    PATH (pip's ninja 1.13, the system's 1.11) rebuilt the binary each time the other one had
+    built it, about 60 s each."""
+    local = Path(sys.executable).parent
+    if (local / "ninja").exists() and shutil.which("ninja") != str(local / "ninja"):
+        os.environ["PATH"] = str(local) + os.pathsep + os.environ.get("PATH", "")
 
 
 def cache_root() -> Path:
@@ -151,14 +169,12 @@ def _fall_back(reason: str) -> None:
 @functools.lru_cache(maxsize=None)
 def extension():
     """The compiled module, or None when it cannot be built here."""
-    if shutil.which("ninja") is None:  # pip's ninja sits next to this interpreter, maybe not on PATH
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    use_environment_ninja()
     directory = build_directory()
     secure_cache(directory)  # outside the try: a cache others can write is refused, not worked around
-    compiler = os.environ.get("CXX") or "c++"  # what torch's builder runs
     verbose = bool(os.environ.get("LLMBIN_KERNEL_VERBOSE"))
-    if shutil.which(compiler) is None:
-        return _fall_back(f"no C++ compiler: {compiler} is not found")
+    if not compiler_path():
+        return _fall_back(f"no C++ compiler: {os.environ.get('CXX') or 'c++'} is not found")
     try:
         import logging
 

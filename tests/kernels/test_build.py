@@ -147,3 +147,33 @@ def test_a_failed_compile_is_reported_by_its_first_error_without_the_build_comma
     assert len(warning) == 1 and "(Error building extension 'llmbin_packed_cpu': packed_matmul_cpu.cpp:1:1: error: boom);" \
         in warning[0]
     assert not any("-MMD" in line or "WARNING !!" in line for line in lines), lines
+
+
+def test_the_environments_own_ninja_builds_whatever_path_says(monkeypatch):
+    """Issue 35's probe: run with and without the venv's bin on PATH, the system's ninja 1.11 and
+    pip's 1.13 took turns, and each discarded the other's build log and rebuilt (60 s a time)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    local = Path(sys.executable).parent / "ninja"
+    assert local.exists(), "ninja is a dependency: pip installs it beside the interpreter"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    cpu.use_environment_ninja()
+    assert shutil.which("ninja") == str(local)
+    path = os.environ["PATH"]
+    cpu.use_environment_ninja()  # already first: PATH is left as it is
+    assert os.environ["PATH"] == path
+
+
+def test_the_cache_key_follows_the_compiler_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBIN_KERNEL_CACHE", str(tmp_path / "cache"))
+    folders = {}
+    for name in ("g++-12", "clang++"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+        monkeypatch.setenv("CXX", str(tmp_path / name))
+        folders[name] = cpu.build_directory()
+    (tmp_path / "c++").symlink_to(tmp_path / "g++-12")  # the same compiler by another name
+    monkeypatch.setenv("CXX", str(tmp_path / "c++"))
+    assert folders["g++-12"] != folders["clang++"] and cpu.build_directory() == folders["g++-12"]
