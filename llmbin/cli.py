@@ -357,9 +357,10 @@ def cmd_eval(args) -> dict:
         check_cache(args.cache)
     lm = None
     if args.checkpoint:
-        from .checkpoint.io import check_checkpoint, load_tokenizer
+        from .checkpoint.io import check_checkpoint, check_offload_folder, load_tokenizer
 
         tokenizer = load_tokenizer(check_checkpoint(args.checkpoint))  # cheap checks before the model loads
+        check_offload_folder(args.offload_folder)
     if args.checkpoint and args.device_map and args.tasks:
         from .evaluate.zeroshot import checkpoint_lm, prepare_tasks
 

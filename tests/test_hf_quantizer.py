@@ -193,3 +193,20 @@ def test_llmbin_eval_with_a_device_map_scores_through_lm_evals_placement(llama_d
                         "--offload-folder", str(tmp_path / "offload"), "--json", str(tmp_path / "placed.json")]) == 0
     plain, placed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "placed"))
     assert placed["tasks"] == plain["tasks"] and placed["bits_per_weight"] == plain["bits_per_weight"]
+
+
+def test_an_offload_folder_that_cannot_be_written_is_named_before_loading(llama_dir, tmp_path, capsys):
+    """Issue 35's probe: an unwritable offload folder raised OSError from inside transformers, and
+    through llmbin.load the message said "re-create the checkpoint", the wrong fix."""
+    import llmbin
+    from llmbin.cli import main
+
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "offload"  # under a file: not creatable, for root too
+    expected = f"--offload-folder {bad} cannot hold the offloaded weights (Not a directory); choose a folder you can write"
+    with pytest.raises(LlmbinError) as info:
+        llmbin.load(llama_dir, device_map={"": "cpu"}, offload_folder=bad)
+    assert str(info.value) == expected
+    assert main(["eval", str(llama_dir), "--device-map", "auto", "--offload-folder", str(bad), "--max-windows", "1",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"llmbin: error: {expected}"

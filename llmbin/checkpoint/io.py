@@ -128,12 +128,30 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: st
         raise LlmbinError(f"--device-map must be 'auto' or a JSON object of module -> device; got {device_map!r}")
     if device_map is not None:
         kwargs.setdefault("offload_buffers", True)  # the packed weights are buffers: offloaded with the rest
+    check_offload_folder(offload_folder)
     try:
         with verification(verify):
             return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map or torch.device(device),
                                                         offload_folder=offload_folder, **kwargs).eval()
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise load_error(exc, path, device_map) from None
+
+
+def check_offload_folder(folder: str | os.PathLike | None) -> None:
+    """``--offload-folder`` can hold the weights offloaded to disk: created if missing, and a file
+    written and removed in it (the real test, for root and read-only file systems alike), before
+    ``from_pretrained`` fails inside transformers with an ``OSError`` that names nothing."""
+    import tempfile
+
+    if folder is None:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise LlmbinError(f"--offload-folder {folder} cannot hold the offloaded weights ({exc.strerror or exc}); "
+                          "choose a folder you can write") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
