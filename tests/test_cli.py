@@ -166,18 +166,19 @@ def test_bad_scale_options_get_one_line_errors(tiny_sharded_dir, text_file, tmp_
     assert "--device-map must be 'auto' or a JSON object" in _error_of(capsys, ["eval", str(tmp_path), "--device-map", "gpu0"])
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")], "has no tokenizer files"),
-    (lambda d: (d / "tokenizer.json").write_text("{not json"), "cannot be loaded"),
+@pytest.mark.parametrize("damage,message,extra", [
+    (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")], "has no tokenizer files", []),
+    (lambda d: (d / "tokenizer.json").write_text("{not json"), "does not match its recorded digest", []),
+    (lambda d: (d / "tokenizer.json").write_text("{not json"), "cannot be loaded", ["--no-verify"]),
 ])
 def test_a_checkpoint_without_a_usable_tokenizer_gets_a_one_line_error(tiny_model_dir, text_file, tmp_path, capsys,
-                                                                       damage, message):
+                                                                       damage, message, extra):
     out = tmp_path / "ckpt"
     assert _quantize(tiny_model_dir, text_file, out) == 0
     damage(out)
     capsys.readouterr()
     assert main(["eval", str(out), "--eval-data", str(text_file), "--seqlen", "32", "--max-windows", "1",
-                 "--no-progress"]) == 2
+                 "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "copy" in err
 

@@ -260,3 +260,31 @@ def test_invalid_json_in_the_layer_description_is_a_one_line_error_with_or_witho
         llmbin.load(dst)
     with pytest.raises(LlmbinError, match="damaged layer description; re-create the checkpoint"):
         llmbin.load(dst, verify=False)
+
+
+def test_a_tokenizer_that_is_not_the_checkpoints_own_is_refused(saved, tmp_path, text_file, capsys):
+    """Issue 35's probe: a checkpoint whose tokenizer.json ids were permuted (same vocabulary size)
+    loaded and evaluated as normal; the tensors' digests do not cover the tokenizer files."""
+    from llmbin.checkpoint.io import load_tokenizer
+    from llmbin.cli import main
+
+    dst = _copy(saved[1], tmp_path)
+    recorded = json.loads((dst / "config.json").read_text())["quantization_config"]["tokenizer_digests"]
+    assert "tokenizer.json" in recorded and "config.json" not in recorded
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    message = (f"{dst}: tokenizer file tokenizer.json does not match its recorded digest; the tokenizer does not belong "
+               "to these weights; copy the tokenizer files that llmbin quantize wrote, or re-create the checkpoint "
+               "(--no-verify / LLMBIN_VERIFY=0 to load it anyway)")
+    with pytest.raises(LlmbinError) as info:
+        load_tokenizer(dst)
+    assert str(info.value) == message
+    argv = ["eval", str(dst), "--eval-data", str(text_file), "--seqlen", "16", "--max-windows", "1", "--no-progress"]
+    assert main(argv) == 2 and capsys.readouterr().err.strip() == f"llmbin: error: {message}"
+    assert main(argv + ["--no-verify"]) == 0
+    (dst / "tokenizer.json").unlink()  # tokenizer_config.json stays
+    with pytest.raises(LlmbinError, match="tokenizer file .* recorded when the checkpoint was written, is missing"):
+        load_tokenizer(dst)

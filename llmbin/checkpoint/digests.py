@@ -57,6 +57,13 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def bytes_digest(path: Path) -> str:
+    """A whole small file's digest (tokenizer files: a few MB)."""
+    import xxhash
+
+    return xxhash.xxh3_128(Path(path).read_bytes()).hexdigest()
+
+
 def text_digest(text: str) -> str:
     import xxhash
 

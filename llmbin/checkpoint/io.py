@@ -10,6 +10,7 @@ blocks are only on disk; ``load`` is ``from_pretrained`` with llmbin's defaults.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import torch
 
 from ..errors import LlmbinError, missing_path
 from ..nn.binary_linear import BinaryLinear
+from .digests import bytes_digest
 from .folder import remove_stale_temporaries, temporary_dir, write_error
 from .hf_quantizer import QUANT_METHOD
 from .shards import (
@@ -29,7 +31,7 @@ from .shards import (
     shard_files,
     write_sharded,
 )
-from .tensors import STORAGE_DTYPE, read_tensors, stored_checked, stored_dtype, verification
+from .tensors import STORAGE_DTYPE, read_tensors, stored_checked, stored_dtype, verification, verifying
 
 
 def binary_modules(model: torch.nn.Module) -> dict[str, BinaryLinear]:
@@ -83,9 +85,9 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
         write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
                       max_shard_bytes, progress)
         model.config.dtype = STORAGE_DTYPE  # what its floats are stored in, as save_pretrained records it
+        if tokenizer is not None:  # first, so that config.json records the digests of the files it wrote
+            record_tokenizer_digests(model.config, tmp, tokenizer.save_pretrained(tmp))
         model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         tmp.rename(out)
     except OSError as exc:  # the config or tokenizer files (the weights raise LlmbinError themselves)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +156,41 @@ def check_offload_folder(folder: str | os.PathLike | None) -> None:
                           "choose a folder you can write") from None
 
 
+TOKENIZER_DIGESTS = "tokenizer_digests"  # quantization_config key: tokenizer file name -> digest of its bytes
+
+
+def record_tokenizer_digests(config, folder: Path, written) -> None:
+    """Record in ``config``'s ``quantization_config`` the digest of every file the tokenizer wrote
+    into ``folder`` (``save_pretrained``'s list): the tensors' digests do not cover them, and a
+    tokenizer that is not the weights' own gives fluent nonsense, not an error."""
+    digests = {Path(f).name: bytes_digest(Path(f)) for f in written
+               if Path(f).parent == folder and Path(f).is_file() and Path(f).name != "config.json"}
+    qconfig = getattr(config, "quantization_config", None)
+    if isinstance(qconfig, dict):
+        qconfig[TOKENIZER_DIGESTS] = digests
+    elif qconfig is not None:
+        setattr(qconfig, TOKENIZER_DIGESTS, digests)
+
+
+def verify_tokenizer(path: Path) -> None:
+    """Check the tokenizer files against the digests recorded when the checkpoint was written
+    (checkpoints from before they were recorded have none to check); skipped with verification off."""
+    if not verifying():
+        return
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get("quantization_config", {}).get(TOKENIZER_DIGESTS)
+    except (OSError, ValueError, AttributeError):
+        return  # check_checkpoint reports an unreadable config.json
+    fix = ("the tokenizer does not belong to these weights; copy the tokenizer files that llmbin quantize wrote, or "
+           "re-create the checkpoint (--no-verify / LLMBIN_VERIFY=0 to load it anyway)")
+    for name, digest in sorted((recorded or {}).items()):
+        file = path / name
+        if not file.is_file():
+            raise LlmbinError(f"{path}: tokenizer file {name}, recorded when the checkpoint was written, is missing; {fix}")
+        if bytes_digest(file) != digest:
+            raise LlmbinError(f"{path}: tokenizer file {name} does not match its recorded digest; {fix}")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
 
 
@@ -165,6 +202,7 @@ def load_tokenizer(path: str | os.PathLike):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise LlmbinError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy them from the "
                           "original model's folder (llmbin quantize writes them)")
+    verify_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # sentencepiece, tiktoken and tokenizers raise unrelated types for a broken file

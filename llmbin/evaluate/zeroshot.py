@@ -104,9 +104,10 @@ def checkpoint_lm(path: str | os.PathLike, *, dtype=None, device: str = "cpu", d
     ``device_map`` lm-eval's own ``parallelize`` placement applies (blocks over GPUs, CPU, disk)."""
     from lm_eval.models.huggingface import HFLM
 
-    from ..checkpoint.io import check_checkpoint, check_offload_folder, load_error
+    from ..checkpoint.io import check_checkpoint, check_offload_folder, load_error, verify_tokenizer
 
     path = check_checkpoint(path)
+    verify_tokenizer(path)  # lm-eval loads it from the folder
     check_offload_folder(offload_folder)
     try:
         return HFLM(pretrained=str(path), dtype=dtype, device=device, batch_size=batch_size,
