@@ -99,3 +99,29 @@ def test_a_tuned_run_killed_while_tuning_a_block_resumes_to_the_uninterrupted_ch
     assert _kill_when(command, lambda: _blocks(out) >= 2) == -signal.SIGKILL
     subprocess.run(command, env=_env(), check=True, capture_output=True)
     assert file_digests(out / "model.safetensors") == file_digests(whole / "model.safetensors")
+
+
+def test_the_run_after_a_silent_kill_says_that_the_last_one_died_and_what_to_change(six_block_dir, text_file, tmp_path,
+                                                                                    uninterrupted):
+    """Issue 35's probe: an out-of-memory kill (SIGKILL) left exit status 137 and no word; the next
+    run resumed without saying what had happened or what to change."""
+    out = tmp_path / "ckpt"
+    command = _command(six_block_dir, text_file, out)
+    assert _kill_when(command, lambda: _blocks(out) >= 2) == -signal.SIGKILL
+    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    said = [line for line in rerun.stderr.splitlines() if "died without a word" in line]
+    assert len(said) == 1 and said[0].startswith(f"llmbin: the last run on {out} (pid ") and said[0].endswith(
+        f"Its finished blocks in {out}.partial are resumed; if memory was short, add --offload-activations DIR, or use "
+        "fewer --nsamples or a smaller --seqlen"), rerun.stderr
+    assert file_digests(out / "model.safetensors") == uninterrupted
+
+
+def test_a_run_that_ended_in_a_way_python_sees_is_not_reported_as_killed(six_block_dir, text_file, tmp_path):
+    out = tmp_path / "ckpt"
+    stopped = subprocess.run(_command(six_block_dir, text_file, out) + ["--stop-after-blocks", "1"], env=_env(),
+                             capture_output=True, text=True)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    rerun = subprocess.run(_command(six_block_dir, text_file, out) + ["--stop-after-blocks", "1"], env=_env(),
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0 and "died without a word" not in rerun.stderr

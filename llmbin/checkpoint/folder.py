@@ -4,13 +4,21 @@ run, and cleared of what killed runs left behind.
 ``OUT`` appears only complete (``checkpoint.save`` writes ``.OUT.tmp-PID`` and renames it);
 ``OUT.partial/`` holds the finished blocks of an unfinished run and a lock file. A second process
 asking for the same ``OUT`` fails at once instead of racing the first.
+
+The lock file also holds a record of the run that holds it (pid, start, state). A run that ends
+in any way Python sees marks itself ended; one killed with SIGKILL (as the kernel's out-of-memory
+killer does) cannot, so the next run on the same ``OUT`` finds it still "running" with its process
+gone, and says so, with the memory options to change.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from ..errors import LlmbinError
@@ -53,8 +61,61 @@ def claim_output(out: str | os.PathLike) -> Path:
                               "finish or choose another --out") from None
         raise LlmbinError(f"cannot lock {work / LOCK_FILE} ({exc.strerror}); choose an --out on a local disk") from None
     _held[work] = lock
+    _report_a_silent_death(out, work, lock)
+    _write_record(lock, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "oom_kills": oom_kills(),
+                         "state": "running"})
     remove_stale_temporaries(out)
     return work
+
+
+def _write_record(lock, record: dict) -> None:
+    lock.truncate(0)  # append mode: the write lands at the (new) end, which is the start
+    lock.write(json.dumps(record) + "\n")
+    lock.flush()
+
+
+def _report_a_silent_death(out: Path, work: Path, lock) -> None:
+    """Say so when the last run on ``out`` was killed without a word (its record still says running)."""
+    try:
+        with open(work / LOCK_FILE) as f:
+            last = json.loads(f.read() or "{}")
+        pid = int(last.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # no record (a lock file from before records existed), or not ours to read
+    if last.get("state") != "running" or not pid or pid == os.getpid() or _alive(pid):
+        return
+    now, then = oom_kills(), last.get("oom_kills")
+    if now is not None and isinstance(then, int) and now > then:
+        cause = f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
+    else:
+        cause = "a SIGKILL did it, which is what the kernel's out-of-memory killer sends (dmesg shows its kills)"
+    print(f"llmbin: the last run on {out} (pid {pid}, started {last.get('started')}) died without a word: {cause}. "
+          f"Its finished blocks in {work} are resumed; if memory was short, add --offload-activations DIR, or use "
+          "fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
+
+
+def oom_kills() -> int | None:
+    """How many processes of this process's cgroup the out-of-memory killer has killed (cgroup v2's
+    ``memory.events``, or v1's ``memory.oom_control``), or None where that cannot be read."""
+    candidates = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            if hierarchy == "0":
+                candidates += [Path("/sys/fs/cgroup", path.lstrip("/"), "memory.events"), Path("/sys/fs/cgroup/memory.events")]
+            elif "memory" in controllers.split(","):
+                candidates += [Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.oom_control"),
+                               Path("/sys/fs/cgroup/memory/memory.oom_control")]
+    except (OSError, ValueError):
+        return None
+    for candidate in candidates:
+        try:
+            for line in candidate.read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def release_output(out: str | os.PathLike, remove: bool) -> None:
@@ -64,6 +125,8 @@ def release_output(out: str | os.PathLike, remove: bool) -> None:
     if remove:
         shutil.rmtree(work, ignore_errors=True)
     if lock is not None:
+        if not remove:
+            _write_record(lock, {"pid": os.getpid(), "state": "ended"})
         lock.close()
 
 
