@@ -257,7 +257,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     _progress_bars(args.no_progress)
 
     from .bits import bit_report, directory_bytes
-    from .checkpoint.folder import claim_output, release_output
+    from .checkpoint.folder import DeathWatch, claim_output, release_output
     from .checkpoint.resume import check_resumable, finished_blocks
     from .data.calibration import calibration_windows
     from .evaluate.perplexity import dataset_perplexity
@@ -266,6 +266,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     # before the model loads: the output can be written and is not another run's, and a resume has these options
     work = claim_output(out)
+    watch = DeathWatch(out)  # says so at once if a SIGKILL (an out-of-memory kill) ends this run
     try:
         check_resumable(work, run_options(config, {"model": args.model, **info}))
         opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
@@ -291,6 +292,8 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
             raise LlmbinError(f"interrupted; {kept} finished blocks are kept in {work}, rerun the same command to resume"
                               if kept else "interrupted before any block was finished; nothing was kept") from None
         raise
+    finally:
+        watch.ended()
     seconds = time.perf_counter() - start
     bits = bit_report(model)
     report.update({"bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),

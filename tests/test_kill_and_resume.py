@@ -125,3 +125,20 @@ def test_a_run_that_ended_in_a_way_python_sees_is_not_reported_as_killed(six_blo
     rerun = subprocess.run(_command(six_block_dir, text_file, out) + ["--stop-after-blocks", "1"], env=_env(),
                            capture_output=True, text=True)
     assert rerun.returncode == 0 and "died without a word" not in rerun.stderr
+
+
+def test_a_silent_kill_is_reported_at_once_by_the_runs_watcher(six_block_dir, text_file, tmp_path):
+    out = tmp_path / "ckpt"
+    proc = subprocess.Popen(_command(six_block_dir, text_file, out), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _blocks(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)  # the watcher holds the pipe until it has spoken
+    said = [line for line in err.splitlines() if "died without a word" in line]
+    assert len(said) == 1 and said[0].startswith(f"llmbin: quantizing {out} died without a word: ") and said[0].endswith(
+        "Its finished blocks are kept; if memory was short, rerun with --offload-activations DIR, or fewer --nsamples "
+        "or a smaller --seqlen"), err[-2000:]
+    done = subprocess.run(_command(six_block_dir, text_file, out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and "llmbin: quantizing" not in done.stderr  # a run that ends is not reported

@@ -94,6 +94,46 @@ def _report_a_silent_death(out: Path, work: Path, lock) -> None:
           "fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
 
 
+_WATCHER = """
+import sys, time
+said = sys.stdin.read()  # until this process's parent ends, whichever way: its end closes the pipe
+if said != "ended":
+    time.sleep(0.2)  # the kernel counts the kill a moment after the pipe closes
+    sys.path[:0] = [%r]
+    from llmbin.checkpoint.folder import oom_kills
+    now, then = oom_kills(), %r
+    cause = (f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
+             if now is not None and then is not None and now > then else "killed by a signal it cannot catch (SIGKILL, "
+             "which is what the out-of-memory killer sends)")
+    print(f"llmbin: quantizing {%r} died without a word: {cause}. Its finished blocks are kept; if memory was short, "
+          "rerun with --offload-activations DIR, or fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
+"""
+
+
+class DeathWatch:
+    """A small watcher process that says so on stderr, at once, if this process dies without a word
+    (a SIGKILL: what the kernel's out-of-memory killer sends). It waits for this process to close
+    a pipe; :meth:`ended`, called when the work ends in any way Python sees, writes "ended" first.
+    Its own session, so a Ctrl-C in the terminal reaches only the run."""
+
+    def __init__(self, out: str | os.PathLike):
+        import subprocess
+
+        package_root = str(Path(__file__).resolve().parents[2])
+        self.process = subprocess.Popen([sys.executable, "-c", _WATCHER % (package_root, oom_kills(), str(out))],
+                                        stdin=subprocess.PIPE, text=True, start_new_session=True)
+
+    def ended(self) -> None:
+        import subprocess
+
+        try:
+            self.process.stdin.write("ended")
+            self.process.stdin.close()
+            self.process.wait(timeout=5)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+
+
 def oom_kills() -> int | None:
     """How many processes of this process's cgroup the out-of-memory killer has killed (cgroup v2's
     ``memory.events``, or v1's ``memory.oom_control``), or None where that cannot be read."""
