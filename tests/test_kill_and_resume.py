@@ -138,7 +138,7 @@ def test_a_silent_kill_is_reported_at_once_by_the_runs_watcher(six_block_dir, te
     _, err = proc.communicate(timeout=60)  # the watcher holds the pipe until it has spoken
     said = [line for line in err.splitlines() if "died without a word" in line]
     assert len(said) == 1 and said[0].startswith(f"llmbin: quantizing {out} died without a word: ") and said[0].endswith(
-        "Its finished blocks are kept; if memory was short, rerun with --offload-activations DIR, or fewer --nsamples "
-        "or a smaller --seqlen"), err[-2000:]
+        "Its finished blocks, if any, are kept for the rerun; if memory was short, rerun with --offload-activations DIR, "
+        "or fewer --nsamples or a smaller --seqlen"), err[-2000:]
     done = subprocess.run(_command(six_block_dir, text_file, out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0 and "llmbin: quantizing" not in done.stderr  # a run that ends is not reported

@@ -61,7 +61,7 @@ def claim_output(out: str | os.PathLike) -> Path:
                               "finish or choose another --out") from None
         raise LlmbinError(f"cannot lock {work / LOCK_FILE} ({exc.strerror}); choose an --out on a local disk") from None
     _held[work] = lock
-    _report_a_silent_death(out, work, lock)
+    _report_a_silent_death(out, work)
     _write_record(lock, {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "oom_kills": oom_kills(),
                          "state": "running"})
     remove_stale_temporaries(out)
@@ -74,7 +74,7 @@ def _write_record(lock, record: dict) -> None:
     lock.flush()
 
 
-def _report_a_silent_death(out: Path, work: Path, lock) -> None:
+def _report_a_silent_death(out: Path, work: Path) -> None:
     """Say so when the last run on ``out`` was killed without a word (its record still says running)."""
     try:
         with open(work / LOCK_FILE) as f:
@@ -105,8 +105,9 @@ if said != "ended":
     cause = (f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
              if now is not None and then is not None and now > then else "killed by a signal it cannot catch (SIGKILL, "
              "which is what the out-of-memory killer sends)")
-    print(f"llmbin: quantizing {%r} died without a word: {cause}. Its finished blocks are kept; if memory was short, "
-          "rerun with --offload-activations DIR, or fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
+    print(f"llmbin: quantizing {%r} died without a word: {cause}. Its finished blocks, if any, are kept for the rerun; "
+          "if memory was short, rerun with --offload-activations DIR, or fewer --nsamples or a smaller --seqlen",
+          file=sys.stderr, flush=True)
 """
 
 
@@ -120,12 +121,17 @@ class DeathWatch:
         import subprocess
 
         package_root = str(Path(__file__).resolve().parents[2])
-        self.process = subprocess.Popen([sys.executable, "-c", _WATCHER % (package_root, oom_kills(), str(out))],
-                                        stdin=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _WATCHER % (package_root, oom_kills(), str(out))],
+                                            stdin=subprocess.PIPE, text=True, start_new_session=True)
+        except OSError:  # no interpreter to start (an embedded Python): the next run still reports it
+            self.process = None
 
     def ended(self) -> None:
         import subprocess
 
+        if self.process is None:
+            return
         try:
             self.process.stdin.write("ended")
             self.process.stdin.close()
