@@ -17,10 +17,10 @@ Each argument names one run:
   ``llmbin eval`` of the checkpoint.
 
 A finished step is skipped; an interrupted quantization resumes from its last finished block.
-Outputs in ``--runs``: ``NAME.quant.json`` and ``NAME.WINDOWS.json`` (``eval/pareto.py --windows``
+Outputs in ``--out``: ``NAME.quant.json`` and ``NAME.WINDOWS.json`` (``eval/pareto.py --windows``
 reads them), the checkpoint ``NAME/`` and the window logs.
 
-    python eval/qwen_protocol.py --runs runs/qwen float gguf:IQ2_XXS db-llm-fdb-rotated pb-llm-10@rotate=input
+    python eval/qwen_protocol.py --out runs/qwen float gguf:IQ2_XXS db-llm-fdb-rotated pb-llm-10@rotate=input
 """
 from __future__ import annotations
 

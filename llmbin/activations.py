@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LlmbinError
+from .errors import LlmbinError, missing_path
 
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY  # mmap offsets must be multiples of this
 
@@ -74,6 +74,9 @@ class DiskActivations:
         self.numel = math.prod(shape)
         self.slot = -(-self.numel * dtype.itemsize // _GRANULARITY) * _GRANULARITY
         directory = Path(directory)
+        problem = missing_path(directory, "folder")
+        if problem and problem != "does not exist":
+            raise LlmbinError(f"--offload-activations {directory} {problem}; give a folder (it is created if missing)")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(directory).free

@@ -9,9 +9,12 @@ import dataclasses
 import json
 import os
 import resource
+import signal
 import sys
 import textwrap
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import OPTION_CHOICES, OPTION_HELP, RECIPE_METHODS, method_configs
@@ -234,6 +237,12 @@ def check_quantize_options(args) -> None:
         raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --eval-tasks " + ",".join(DEFAULT_TASKS))
     if args.nsamples < 1 or args.seqlen < 1:
         raise LlmbinError(f"--nsamples and --seqlen must be positive, got {args.nsamples} and {args.seqlen}")
+    if args.json:
+        report, out = Path(args.json).resolve(), Path(args.out).resolve()
+        work = out.with_name(f"{out.name}.partial")
+        if report in (out, work) or work in report.parents or out in report.parents:
+            raise LlmbinError(f"--json {args.json} lies where --out {args.out} is written; give a path outside it, "
+                              f"such as {args.out.rstrip('/')}.json")
     check_json_target(args.json)
 
 
@@ -289,8 +298,9 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         kept = len(finished_blocks(work)) if work.exists() else 0
         release_output(out, remove=not kept)  # nothing half-written stays; finished blocks do, for the rerun
         if isinstance(exc, KeyboardInterrupt):
-            raise LlmbinError(f"interrupted; {kept} finished blocks are kept in {work}, rerun the same command to resume"
-                              if kept else "interrupted before any block was finished; nothing was kept") from None
+            how = f"stopped by {exc}" if isinstance(exc, Stopped) else "interrupted"
+            raise LlmbinError(f"{how}; {kept} finished blocks are kept in {work}, rerun the same command to resume"
+                              if kept else f"{how} before any block was finished; nothing was kept") from None
         raise
     finally:
         watch.ended()
@@ -475,7 +485,39 @@ def _device_map(text: str | None):
     return mapping
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's time limit, a closed terminal), handled as Ctrl-C is: the run
+    stops between Python steps, keeps its finished blocks and says so, instead of dying without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+@contextmanager
+def _stop_on_signals():
+    """Within: SIGTERM and SIGHUP raise :class:`Stopped`; the caller's handlers come back after (tests call main)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _stop_on_signals():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser, option_names = build_parser()
         args = parser.parse_args(argv)
@@ -491,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmbinError as exc:
         print(f"llmbin: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llmbin: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"llmbin: stopped by {exc}" if isinstance(exc, Stopped) else "llmbin: interrupted", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Stopped) else 130
     return 0
 
 

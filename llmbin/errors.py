@@ -38,7 +38,8 @@ def check_positions(config, seqlen: int, option: str = "--seqlen") -> None:
 
 def missing_path(path: "str | os.PathLike", want: str = "file") -> str | None:
     """Why ``path`` is not the ``want`` ("file" or "folder") the user meant, in words, or None when it
-    is one: it does not exist, is the other kind, is a link to nothing, or a loop of links."""
+    is one: it does not exist, is the other kind, is a link to nothing, a loop of links, or (for a file)
+    a pipe, socket or device."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -49,6 +50,8 @@ def missing_path(path: "str | os.PathLike", want: str = "file") -> str | None:
         return "does not exist"
     if want == "file" and stat.S_ISDIR(mode):
         return "is a folder"
+    if want == "file" and not stat.S_ISREG(mode):  # a pipe would block the read forever, /dev/zero fill memory
+        return "is not a regular file (a pipe, socket or device)"
     if want == "folder" and not stat.S_ISDIR(mode):
         return "is a file, not a folder"
     return None

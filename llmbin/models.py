@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .dtypes import HALF_DTYPES, auto_dtype
-from .errors import LlmbinError
+from .errors import LlmbinError, missing_path
 from .nn.binary_linear import BinaryLinear
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -33,8 +33,9 @@ def resolve_model(model: str) -> tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     path = Path(model)
     if model.endswith(".gguf"):
-        if not path.is_file():
-            raise LlmbinError(f"GGUF file {model} does not exist; check the path")
+        problem = missing_path(path)
+        if problem:
+            raise LlmbinError(f"GGUF file {model} {problem}; check the path")
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():

@@ -288,3 +288,19 @@ def test_a_tokenizer_that_is_not_the_checkpoints_own_is_refused(saved, tmp_path,
     (dst / "tokenizer.json").unlink()  # tokenizer_config.json stays
     with pytest.raises(LlmbinError, match="tokenizer file .* recorded when the checkpoint was written, is missing"):
         load_tokenizer(dst)
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "/etc/hostname", "sub/tokenizer.json", ".."])
+def test_a_tokenizer_digest_naming_a_file_outside_the_folder_is_refused_unread(saved, tmp_path, name):
+    """The second probe: a digest recorded for ``../secret.txt`` made loading read and hash a file outside
+    the checkpoint; digests are written for bare file names only, so any other name is refused unread."""
+    from llmbin.checkpoint.io import load_tokenizer
+
+    dst = _copy(saved[1], tmp_path)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"]["tokenizer_digests"][name] = "0" * 32
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmbinError) as info:
+        load_tokenizer(dst)
+    assert str(info.value) == (f"{dst}: config.json records a digest for {name!r}, which is not a file of the checkpoint "
+                               "folder; the config.json was edited or damaged, re-create the checkpoint")

@@ -142,3 +142,25 @@ def test_a_silent_kill_is_reported_at_once_by_the_runs_watcher(six_block_dir, te
         "or fewer --nsamples or a smaller --seqlen"), err[-2000:]
     done = subprocess.run(_command(six_block_dir, text_file, out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0 and "llmbin: quantizing" not in done.stderr  # a run that ends is not reported
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_stops_the_run_in_one_line_and_keeps_its_blocks(six_block_dir, text_file, tmp_path,
+                                                                           uninterrupted, signum):
+    """The second probe: a SIGTERM (a scheduler's time limit) or SIGHUP (a closed terminal) ended the
+    run without a word, and its watcher then blamed a SIGKILL; both now stop the run as Ctrl-C does."""
+    out = tmp_path / "ckpt"
+    command = _command(six_block_dir, text_file, out)
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _blocks(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    kept = _blocks(out)
+    assert proc.returncode == 2 and kept >= 1, err[-2000:]
+    assert err.strip().splitlines() == [f"llmbin: error: stopped by {signum.name}; {kept} finished blocks are kept in "
+                                        f"{out}.partial, rerun the same command to resume"]
+    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0 and "died without a word" not in rerun.stderr, rerun.stderr[-2000:]
+    assert file_digests(out / "model.safetensors") == uninterrupted

@@ -65,6 +65,14 @@ def test_missing_models(arg, match):
         resolve_model(arg)
 
 
+def test_a_folder_named_like_a_gguf_file_is_called_a_folder(tmp_path):
+    """The second probe: a folder x.gguf was reported as "does not exist"."""
+    (tmp_path / "x.gguf").mkdir()
+    with pytest.raises(LlmbinError) as info:
+        resolve_model(str(tmp_path / "x.gguf"))
+    assert str(info.value) == f"GGUF file {tmp_path}/x.gguf is a folder; check the path"
+
+
 def test_a_safetensors_folder_opens_as_an_empty_skeleton(tiny_sharded_dir):
     import torch
 

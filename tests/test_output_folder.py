@@ -201,3 +201,49 @@ def test_a_resume_with_other_options_is_refused_before_the_model_loads(tiny_mode
     assert _quantize(tiny_model_dir, text_file, out, "--seed", "3") == 2
     assert (f"{out}.partial holds blocks of another run (calibration.seed: 0 then, 3 now); rerun with the same model "
             "and options to resume") in _one_line_error(capsys)
+
+
+def test_a_refused_resume_shows_where_two_long_values_differ(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    """The second probe: two calibration files in one deep folder were both shown as "/work/runs/s7/pr…",
+    which reads as the same value; the message now starts shortly before they differ."""
+    from tests.conftest import interrupt_after_first_block
+
+    deep = tmp_path / "a-long-folder-name" / "and-another-one"
+    deep.mkdir(parents=True)
+    first, second = deep / "calibration-one.txt", deep / "calibration-two.txt"
+    for path in (first, second):
+        path.write_text(text_file.read_text())
+    out = tmp_path / "ckpt"
+    with interrupt_after_first_block(monkeypatch):
+        assert _quantize(tiny_model_dir, first, out) == 2
+    capsys.readouterr()
+    assert _quantize(tiny_model_dir, second, out) == 2
+    assert ('another run (calibration.data: …libration-one.txt" then, …libration-two.txt" now); rerun'
+            in _one_line_error(capsys))
+
+
+@pytest.mark.parametrize("where", ["ckpt", "ckpt/report.json", "ckpt.partial/report.json"])
+def test_a_report_where_the_checkpoint_goes_is_refused_before_the_work(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                       no_model_load, where):
+    """The second probe: --json equal to --out quantized the whole model, then failed with an
+    IsADirectoryError traceback (exit 1) when the report was renamed onto the new checkpoint."""
+    (tmp_path / "ckpt.partial").mkdir()  # so that the report's folder exists: only the overlap is wrong
+    out = tmp_path / "ckpt"
+    assert _quantize(tiny_model_dir, text_file, out, "--json", str(tmp_path / where)) == 2
+    assert _one_line_error(capsys) == (f"llmbin: error: --json {tmp_path / where} lies where --out {out} is written; "
+                                       f"give a path outside it, such as {out}.json")
+
+
+def test_an_output_that_is_a_file_is_called_a_file(tiny_model_dir, text_file, tmp_path, capsys, no_model_load):
+    (tmp_path / "ckpt").write_text("x")
+    assert _quantize(tiny_model_dir, text_file, tmp_path / "ckpt") == 2
+    assert _one_line_error(capsys) == (f"llmbin: error: output directory {tmp_path}/ckpt already exists (as a file); "
+                                       "choose another --out or remove it")
+
+
+def test_an_activation_folder_that_is_a_file_is_called_a_file(tiny_model_dir, text_file, tmp_path, capsys):
+    (tmp_path / "acts").write_text("x")
+    assert _quantize(tiny_model_dir, text_file, tmp_path / "ckpt", "--offload-activations", str(tmp_path / "acts")) == 2
+    assert _one_line_error(capsys) == (f"llmbin: error: --offload-activations {tmp_path}/acts is a file, not a folder; "
+                                       "give a folder (it is created if missing)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts"]

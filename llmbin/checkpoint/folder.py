@@ -44,7 +44,8 @@ def claim_output(out: str | os.PathLike) -> Path:
     if out.exists():
         _remove_if_unlocked(work)  # a run killed after its checkpoint was complete, before it cleaned up
         remove_stale_temporaries(out)
-        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
+        raise LlmbinError(f"output directory {out} already exists{'' if out.is_dir() else ' (as a file)'}; choose "
+                          "another --out or remove it")
     if work in _held:
         return work
     try:
@@ -88,7 +89,7 @@ def _report_a_silent_death(out: Path, work: Path) -> None:
     if now is not None and isinstance(then, int) and now > then:
         cause = f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
     else:
-        cause = "a SIGKILL did it, which is what the kernel's out-of-memory killer sends (dmesg shows its kills)"
+        cause = ("a SIGKILL (what the kernel's out-of-memory killer sends; dmesg shows its kills) or a crash did it")
     print(f"llmbin: the last run on {out} (pid {pid}, started {last.get('started')}) died without a word: {cause}. "
           f"Its finished blocks in {work} are resumed; if memory was short, add --offload-activations DIR, or use "
           "fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
@@ -103,8 +104,8 @@ if said != "ended":
     from llmbin.checkpoint.folder import oom_kills
     now, then = oom_kills(), %r
     cause = (f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
-             if now is not None and then is not None and now > then else "killed by a signal it cannot catch (SIGKILL, "
-             "which is what the out-of-memory killer sends)")
+             if now is not None and then is not None and now > then else "killed by a signal it cannot catch: SIGKILL "
+             "(what the out-of-memory killer sends) or a crash")
     print(f"llmbin: quantizing {%r} died without a word: {cause}. Its finished blocks, if any, are kept for the rerun; "
           "if memory was short, rerun with --offload-activations DIR, or fewer --nsamples or a smaller --seqlen",
           file=sys.stderr, flush=True)
@@ -113,7 +114,8 @@ if said != "ended":
 
 class DeathWatch:
     """A small watcher process that says so on stderr, at once, if this process dies without a word
-    (a SIGKILL: what the kernel's out-of-memory killer sends). It waits for this process to close
+    (a SIGKILL, what the kernel's out-of-memory killer sends, or a crash; SIGTERM and SIGHUP are
+    handled by the CLI). It waits for this process to close
     a pipe; :meth:`ended`, called when the work ends in any way Python sees, writes "ended" first.
     Its own session, so a Ctrl-C in the terminal reaches only the run."""
 

@@ -56,7 +56,8 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
     read from ``sources``, a lazy mapping of state-dict names to tensors, one shard at a time."""
     out = Path(out_dir)
     if out.exists():
-        raise LlmbinError(f"output directory {out} already exists; choose another --out or remove it")
+        raise LlmbinError(f"output directory {out} already exists{'' if out.is_dir() else ' (as a file)'}; choose "
+                          "another --out or remove it")
     tmp = temporary_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -184,6 +185,9 @@ def verify_tokenizer(path: Path) -> None:
     fix = ("the tokenizer does not belong to these weights; copy the tokenizer files that llmbin quantize wrote, or "
            "re-create the checkpoint (--no-verify / LLMBIN_VERIFY=0 to load it anyway)")
     for name, digest in sorted((recorded or {}).items()):
+        if Path(name).name != name or name in ("", ".", ".."):  # written as bare names: never read outside the folder
+            raise LlmbinError(f"{path}: config.json records a digest for {name!r}, which is not a file of the checkpoint "
+                              "folder; the config.json was edited or damaged, re-create the checkpoint")
         file = path / name
         if not file.is_file():
             raise LlmbinError(f"{path}: tokenizer file {name}, recorded when the checkpoint was written, is missing; {fix}")

@@ -75,12 +75,17 @@ def differences(before: dict, now: dict, limit: int = 3) -> str:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    def show(v):
-        text = json.dumps(v)
-        return text if len(text) <= 20 else text[:17] + "…"
+    def show(v, other):
+        """About 40 characters, from a little before where the two values first differ: two long
+        paths cut to the same first 17 characters looked equal."""
+        text, against = json.dumps(v), json.dumps(other)
+        same = len(os.path.commonprefix([text, against]))
+        start = same - 10 if same >= 20 and max(len(text), len(against)) > 40 else 0
+        return ("…" if start else "") + text[start:start + 40] + ("…" if start + 40 < len(text) else "")
 
     a, b = flat(before), flat(now)
-    changed = [f"{k}: {show(a.get(k))} then, {show(b.get(k))} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    changed = [f"{k}: {show(a.get(k), b.get(k))} then, {show(b.get(k), a.get(k))} now"
+               for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
 
 

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import LlmbinError
+from ..errors import LlmbinError, missing_path
 
 try:
     import fcntl
@@ -37,14 +37,18 @@ TORCH_LOCK = "lock"  # the marker file torch's extension builder waits on, forev
 
 def build_directory() -> Path:
     """The cache folder of this build: keyed by what makes the binary, and nothing else: the
-    sources' content, the flags, the compiler (resolved), and the Python environment (torch's and
-    Python's header paths are part of the compile command, and ninja rebuilds whenever a command
-    changes, so two environments sharing one folder would rebuild each other's binary in turn)."""
-    import torch
+    sources' content, the flags, the compiler (resolved), and the header and library paths exactly
+    as torch's builder writes them into the commands. ninja rebuilds whenever a command changes, so
+    two environments sharing one folder rebuild each other's binary in turn; that includes one venv
+    reached by two paths (a link), whose torch writes each path as it was imported, unresolved."""
+    import sysconfig
 
+    import torch
+    from torch.utils import cpp_extension
+
+    paths = [*cpp_extension.include_paths(), *cpp_extension.library_paths(), sysconfig.get_paths()["include"]]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
-                         + os.path.realpath(sys.prefix).encode() + os.path.realpath(torch.__file__).encode()
-                         + compiler_path().encode()).hexdigest()[:12]
+                         + "\n".join(paths).encode() + compiler_path().encode()).hexdigest()[:12]
     return cache_root() / f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
 
 
@@ -80,8 +84,17 @@ def secure_cache(directory: Path) -> None:
     if not hasattr(os, "getuid"):  # Windows: no owners or modes to check
         return
     root = directory.parent
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.mkdir(mode=0o700, exist_ok=True)
+    for folder in (root, directory):
+        problem = missing_path(folder, "folder")
+        if problem == "does not exist":
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # another process may create it too
+                continue
+            except OSError as exc:
+                problem = f"cannot be created ({exc.strerror or exc})"
+        if problem:
+            raise LlmbinError(f"the CPU kernel cache {folder} {problem}; set LLMBIN_KERNEL_CACHE to a folder you can "
+                              "write, or fix that path")
     entries = [(root, os.stat(root))]  # the root may be a link the user made (~/.cache elsewhere)
     for folder, subfolders, files in os.walk(directory):
         entries += [(Path(folder, name), os.lstat(Path(folder, name))) for name in [*subfolders, *files]]

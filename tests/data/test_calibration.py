@@ -76,6 +76,20 @@ def test_a_folder_a_dangling_link_or_a_loop_as_data_is_named_as_such(tmp_path):
         assert str(info.value) == f"data file {path} {problem}; pass an existing .parquet, .jsonl or .txt file"
 
 
+def test_a_pipe_or_a_device_as_data_is_refused_before_it_is_read(tmp_path):
+    """The second probe: a named pipe called calib.txt blocked the run forever, and a link to /dev/zero
+    read until the out-of-memory killer came (40 s, exit 137)."""
+    import os
+
+    os.mkfifo(tmp_path / "calib.txt")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    for path in (tmp_path / "calib.txt", tmp_path / "zero.txt"):
+        with pytest.raises(LlmbinError) as info:
+            resolve_text(str(path), "calibration")
+        assert str(info.value) == (f"data file {path} is not a regular file (a pipe, socket or device); pass an existing "
+                                   ".parquet, .jsonl or .txt file")
+
+
 def test_parquet_without_text_column(tmp_path):
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "d.parquet")
     with pytest.raises(LlmbinError, match="no 'text' column"):

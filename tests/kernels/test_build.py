@@ -116,6 +116,20 @@ def test_the_kernel_cache_is_made_private_and_checked_file_by_file(tmp_path, mon
             cpu.secure_cache(build)
 
 
+def test_a_kernel_cache_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch):
+    """The second probe: LLMBIN_KERNEL_CACHE naming a file failed with a FileExistsError traceback."""
+    import pytest
+
+    from llmbin.errors import LlmbinError
+
+    (tmp_path / "kc").write_text("x")
+    monkeypatch.setenv("LLMBIN_KERNEL_CACHE", str(tmp_path / "kc"))
+    with pytest.raises(LlmbinError) as info:
+        cpu.extension.__wrapped__()
+    assert str(info.value) == (f"the CPU kernel cache {tmp_path}/kc is a file, not a folder; set LLMBIN_KERNEL_CACHE to "
+                               "a folder you can write, or fix that path")
+
+
 def _build_in_a_fresh_cache(tmp_path, compiler):
     import os
 
@@ -177,3 +191,22 @@ def test_the_cache_key_follows_the_compiler_and_nothing_else(tmp_path, monkeypat
     (tmp_path / "c++").symlink_to(tmp_path / "g++-12")  # the same compiler by another name
     monkeypatch.setenv("CXX", str(tmp_path / "c++"))
     assert folders["g++-12"] != folders["clang++"] and cpu.build_directory() == folders["g++-12"]
+
+
+def test_one_venv_reached_by_two_paths_keeps_two_builds(tmp_path):
+    """The second probe: a venv used through a link (here, a worktree's .venv linking to the checkout's)
+    wrote its headers' paths into the compile command unresolved, under the same cache key as the
+    venv's own path, and the two rebuilt each other's binary in turn (four builds in an hour). The
+    key now holds the paths as torch writes them: two folders, each built once."""
+    import os
+    from pathlib import Path
+
+    link = tmp_path / "venv"
+    link.symlink_to(sys.prefix)
+    code = ("from torch.utils import cpp_extension; from llmbin.kernels import cpu; "
+            "print(cpu.build_directory()); print(cpp_extension.include_paths()[0])")
+    env = {**os.environ, "PYTHONPATH": str(Path(cpu.__file__).parents[2]), "LLMBIN_KERNEL_CACHE": str(tmp_path / "kc")}
+    seen = [subprocess.run([str(prefix / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.split() for prefix in (Path(sys.prefix), link)]
+    assert seen[1][1].startswith(str(link)) and not seen[0][1].startswith(str(link))  # torch writes it as imported
+    assert seen[0][0] != seen[1][0]
