@@ -22,6 +22,11 @@ import torch
 
 from ..errors import LlmbinError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 FORMAT = 1
 FIRST_WINDOW_RTOL = 1e-5
 
@@ -40,12 +45,26 @@ class WindowLog:
         self.done: dict[int, float] = {}
         if self.path.is_dir():
             raise LlmbinError(f"perplexity log {self.path} is a folder; give a file path (or another --cache prefix)")
+        if not self.path.parent.is_dir():
+            raise LlmbinError(f"perplexity log {self.path}: folder {self.path.parent} does not exist; create it first")
+        self._lock = self._claim()
         if self.path.exists():
             self._read()
         else:
-            if not self.path.parent.is_dir():
-                raise LlmbinError(f"perplexity log {self.path}: folder {self.path.parent} does not exist; create it first")
             self._rewrite()
+
+    def _claim(self):
+        """One evaluation per log: two at once each rewrote the log under one temporary name (a
+        traceback when the second rename found it gone) and dropped each other's new windows."""
+        handle = open(self.path.with_name(self.path.name + ".lock"), "a")
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise LlmbinError(f"another llmbin eval is writing {self.path}; wait for it to finish or choose another "
+                                  "--cache prefix") from None
+        return handle
 
     def _read(self) -> None:
         fix = f"delete {self.path} or choose another --cache prefix"
@@ -69,7 +88,7 @@ class WindowLog:
         self._rewrite()  # drops a torn last line, so that appends start on a clean line
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         rows = [json.dumps(self.header)] + [json.dumps({"window": i, "nll": x}) for i, x in sorted(self.done.items())]
         tmp.write_text("\n".join(rows) + "\n")
         os.replace(tmp, self.path)

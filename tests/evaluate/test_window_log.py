@@ -96,3 +96,27 @@ def test_a_cache_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path,
     assert main(["eval", "--model", "no-such-model-folder", "--cache", str(tmp_path / "nowhere" / "run")]) == 2
     err = capsys.readouterr().err
     assert f"--cache {tmp_path / 'nowhere' / 'run'}: folder {tmp_path / 'nowhere'} does not exist; create it first" in err
+
+
+def test_a_second_evaluation_on_the_same_log_is_refused_while_the_first_runs(tmp_path):
+    """The second probe: two evaluations with one --cache prefix each rewrote the log under one
+    temporary name (a traceback when the second rename found it gone) and dropped each other's windows."""
+    import subprocess
+    import sys
+
+    from llmbin.evaluate.window_log import WindowLog
+
+    path = tmp_path / "log.windows.jsonl"
+    code = ("import sys, time; from llmbin.evaluate.window_log import WindowLog; "
+            f"log = WindowLog({str(path)!r}, {{'model': 'm'}}); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LlmbinError) as info:
+            WindowLog(path, {"model": "m"})
+        assert str(info.value) == (f"another llmbin eval is writing {path}; wait for it to finish or choose another "
+                                   "--cache prefix")
+    finally:
+        holder.communicate("")
+    WindowLog(path, {"model": "m"}).append(0, 1.5)  # its end releases the log
+    assert WindowLog(path, {"model": "m"}).done == {0: 1.5}
