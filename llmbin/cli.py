@@ -131,7 +131,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                     description="Post-training binarization of causal LMs: quantize a model into a packed "
                                 "checkpoint, and evaluate checkpoints and original models.")
     parser.add_argument("--version", action="version", version=f"llmbin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,generate}")
 
     q = sub.add_parser("quantize", help="calibrate, binarize and write a packed checkpoint",
                        formatter_class=HelpFormatter,
@@ -203,6 +203,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                    help="skip checking the checkpoint's files against their recorded digests (as LLMBIN_VERIFY=0): "
                         "a faster load that no longer detects corrupt or modified files")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = sub.add_parser("generate", help="stream a greedy continuation of a prompt, with prefill and decode speed",
+                       formatter_class=HelpFormatter,
+                       description="Try a checkpoint (or with --model an original model) in one line: the greedy "
+                                   "continuation of --prompt streams as it is decoded through model.generate, then "
+                                   "prefill and decode tokens/s and peak memory are printed.")
+    g.add_argument("checkpoint", nargs="?", help="llmbin checkpoint directory")
+    g.add_argument("--model", help="an original model instead (hub id, folder, .gguf, 'smollm2-135m')")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    g.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="dtype of activations and float layers; auto: float32 on the CPU, float16 (as stored) on a GPU")
+    g.add_argument("--json", help="write the text and the speeds as JSON here")
+    g.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's files against their "
+                   "recorded digests (as LLMBIN_VERIFY=0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser, options
 
 
@@ -424,6 +441,38 @@ def cmd_eval(args) -> dict:
     return report
 
 
+def cmd_generate(args) -> dict:
+    from .evaluate.generation import timed_generate
+
+    _progress_bars(args.no_progress)
+    if bool(args.checkpoint) == bool(args.model):
+        raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+    if args.max_new_tokens < 1:
+        raise LlmbinError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_device(args.device)
+    check_json_target(args.json)
+    if args.checkpoint:
+        from .checkpoint.io import check_checkpoint, load, load_tokenizer
+
+        tokenizer = load_tokenizer(check_checkpoint(args.checkpoint))
+        model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device)
+    else:
+        from .models import load_model
+
+        model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
+        model.to(args.device)
+    loaded_rss = _peak_rss_mib()
+    print(args.prompt, end="", flush=True)
+    result = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)
+    report = {"model": args.checkpoint or args.model, "prompt": args.prompt, **result,
+              "load_peak_rss_mib": loaded_rss, "peak_rss_mib": _peak_rss_mib()}
+    decode = result["decode_tokens_per_s"]
+    print(f"\n\nprefill {result['prefill_tokens_per_s']:.1f} tokens/s ({result['prompt_tokens']} prompt tokens), decode "
+          + (f"{decode:.1f} tokens/s" if decode else "n/a") + f" ({result['new_tokens']} new tokens), "
+          f"peak RSS {report['peak_rss_mib']:.0f} MiB")
+    return report
+
+
 def _model_identity(name: str) -> str:
     """What a perplexity log records as the model: the absolute path of a local file or folder (so
     ``ckpt`` and ``./ckpt`` resume the same log), else the name (a hub id, ``smollm2-135m``)."""
@@ -528,7 +577,7 @@ def _main(argv: list[str] | None) -> int:
             from .checkpoint.tensors import verification
 
             with verification(False if args.no_verify else None):
-                report = cmd_eval(args)
+                report = cmd_eval(args) if args.command == "eval" else cmd_generate(args)
         _write_json(args.json, report)
     except LlmbinError as exc:
         print(f"llmbin: error: {exc}", file=sys.stderr)

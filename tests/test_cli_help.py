@@ -93,7 +93,7 @@ def test_every_option_with_a_default_shows_it(command):
     (["quantize", "--model", "x", "--out", "y", "--nsamples", "many"],
      "argument --nsamples: invalid int value: 'many'; see llmbin quantize --help"),
     (["eval", "--bogus"], "unrecognized arguments: --bogus; see llmbin eval --help"),
-    ([], "the following arguments are required: {quantize,eval}; see llmbin --help"),
+    ([], "the following arguments are required: {quantize,eval,generate}; see llmbin --help"),
 ])
 def test_a_usage_error_is_one_line_and_a_pointer_to_help(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
