@@ -373,8 +373,7 @@ def cmd_eval(args) -> dict:
     from .nn.binary_linear import BinaryLinear
 
     _progress_bars(args.no_progress)
-    if bool(args.checkpoint) == bool(args.model):
-        raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+    _one_target(args)
     if not args.tasks and (args.limit is not None or args.task_data):
         raise LlmbinError("--limit and --task-data apply to zero-shot tasks; add --tasks " + ",".join(DEFAULT_TASKS))
     device_map = _device_map(args.device_map)  # options first, then files, then the model
@@ -411,12 +410,9 @@ def cmd_eval(args) -> dict:
                 if isinstance(module, BinaryLinear):
                     module.dense_cache = True
     else:
-        from .models import load_model
-
         if args.device_map or args.offload_folder:
             raise LlmbinError("--device-map and --offload-folder apply to packed checkpoints; for --model use --device")
-        model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
-        model.to(args.device)
+        model, tokenizer = _original_model(args)
     # Memory after loading alone, before any window runs: the loaded model's own footprint.
     loaded_rss = _peak_rss_mib()
     start = time.perf_counter()
@@ -441,12 +437,24 @@ def cmd_eval(args) -> dict:
     return report
 
 
+def _one_target(args) -> None:
+    if bool(args.checkpoint) == bool(args.model):
+        raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+
+
+def _original_model(args):
+    """``--model``'s model and tokenizer, on ``--device`` in ``--dtype`` (eval's and generate's rule)."""
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
+    return model.to(args.device), tokenizer
+
+
 def cmd_generate(args) -> dict:
     from .evaluate.generation import timed_generate
 
     _progress_bars(args.no_progress)
-    if bool(args.checkpoint) == bool(args.model):
-        raise LlmbinError("give either a checkpoint directory or --model MODEL, not both or neither")
+    _one_target(args)
     if args.max_new_tokens < 1:
         raise LlmbinError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_device(args.device)
@@ -457,10 +465,7 @@ def cmd_generate(args) -> dict:
         tokenizer = load_tokenizer(check_checkpoint(args.checkpoint))
         model = load(args.checkpoint, dtype=_eval_dtype(args.dtype, args.device), device=args.device)
     else:
-        from .models import load_model
-
-        model, tokenizer = load_model(args.model, _eval_dtype(args.dtype, args.device))
-        model.to(args.device)
+        model, tokenizer = _original_model(args)
     loaded_rss = _peak_rss_mib()
     print(args.prompt, end="", flush=True)
     result = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)

@@ -85,14 +85,17 @@ def _report_a_silent_death(out: Path, work: Path) -> None:
         return  # no record (a lock file from before records existed), or not ours to read
     if last.get("state") != "running" or not pid or pid == os.getpid() or _alive(pid):
         return
-    now, then = oom_kills(), last.get("oom_kills")
-    if now is not None and isinstance(then, int) and now > then:
-        cause = f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
-    else:
-        cause = ("a SIGKILL (what the kernel's out-of-memory killer sends; dmesg shows its kills) or a crash did it")
+    cause = silent_death_cause(last.get("oom_kills"), oom_kills())
     print(f"llmbin: the last run on {out} (pid {pid}, started {last.get('started')}) died without a word: {cause}. "
           f"Its finished blocks in {work} are resumed; if memory was short, add --offload-activations DIR, or use "
           "fewer --nsamples or a smaller --seqlen", file=sys.stderr, flush=True)
+
+
+def silent_death_cause(then, now) -> str:
+    """Why a run died without a word, from the cgroup's oom_kill count when it started and now."""
+    if isinstance(then, int) and now is not None and now > then:
+        return f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
+    return "a SIGKILL (what the kernel's out-of-memory killer sends; dmesg shows its kills) or a crash did it"
 
 
 _WATCHER = """
@@ -101,11 +104,8 @@ said = sys.stdin.read()  # until this process's parent ends, whichever way: its 
 if said != "ended":
     time.sleep(0.2)  # the kernel counts the kill a moment after the pipe closes
     sys.path[:0] = [%r]
-    from llmbin.checkpoint.folder import oom_kills
-    now, then = oom_kills(), %r
-    cause = (f"the kernel's out-of-memory killer did it (this cgroup's oom_kill count went from {then} to {now})"
-             if now is not None and then is not None and now > then else "killed by a signal it cannot catch: SIGKILL "
-             "(what the out-of-memory killer sends) or a crash")
+    from llmbin.checkpoint.folder import oom_kills, silent_death_cause
+    cause = silent_death_cause(%r, oom_kills())
     print(f"llmbin: quantizing {%r} died without a word: {cause}. Its finished blocks, if any, are kept for the rerun; "
           "if memory was short, rerun with --offload-activations DIR, or fewer --nsamples or a smaller --seqlen",
           file=sys.stderr, flush=True)
