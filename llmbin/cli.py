@@ -216,6 +216,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     g.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="dtype of activations and float layers; auto: float32 on the CPU, float16 (as stored) on a GPU")
+    g.add_argument("--compile", action="store_true", help="the fast decode path (llmbin.prepare_decode: static cache, "
+                   "compiled decode step); compiling first takes tens of seconds to minutes, reported apart")
     g.add_argument("--json", help="write the text and the speeds as JSON here")
     g.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's files against their "
                    "recorded digests (as LLMBIN_VERIFY=0)")
@@ -467,10 +469,19 @@ def cmd_generate(args) -> dict:
     else:
         model, tokenizer = _original_model(args)
     loaded_rss = _peak_rss_mib()
+    compile_seconds = None
+    if args.compile:
+        from .nn.decode import prepare_decode
+
+        prepare_decode(model)
+        start = time.perf_counter()
+        print("compiling the decode step for this prompt length...", file=sys.stderr, flush=True)
+        timed_generate(model, tokenizer, args.prompt, args.max_new_tokens, echo=False)  # compiles for these shapes
+        compile_seconds = time.perf_counter() - start
     print(args.prompt, end="", flush=True)
     result = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)
-    report = {"model": args.checkpoint or args.model, "prompt": args.prompt, **result,
-              "load_peak_rss_mib": loaded_rss, "peak_rss_mib": _peak_rss_mib()}
+    report = {"model": args.checkpoint or args.model, "prompt": args.prompt, **result, "compiled": args.compile,
+              "compile_seconds": compile_seconds, "load_peak_rss_mib": loaded_rss, "peak_rss_mib": _peak_rss_mib()}
     decode = result["decode_tokens_per_s"]
     print(f"\n\nprefill {result['prefill_tokens_per_s']:.1f} tokens/s ({result['prompt_tokens']} prompt tokens), decode "
           + (f"{decode:.1f} tokens/s" if decode else "n/a") + f" ({result['new_tokens']} new tokens), "

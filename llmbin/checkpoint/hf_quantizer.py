@@ -141,6 +141,12 @@ class LlmbinHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # Packed and 16-bit layers run as torch.library operators with fake implementations, so
+        # torch.compile traces them whole (generate's compiled decode step with a static cache).
+        return True
+
 
 class _DigestView(dict):
     """``state`` for digesting: a disk-offloaded (meta) tensor is read back one at a time, as

@@ -12,6 +12,7 @@ import time
 
 import torch
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from ..errors import LlmbinError, check_token_ids
 
@@ -42,17 +43,45 @@ def timed_generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, ech
     if ids.shape[1] == 0:
         raise LlmbinError("the prompt has no tokens; give some text with --prompt")
     check_token_ids(model, ids)
-    streamer = TimedStreamer(tokenizer, echo)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         model(ids[:, :1])  # the first call loads the kernel and allocates: not the model's speed
+    out, timing = _timed(model, ids, max_new_tokens, TimedStreamer(tokenizer, echo), pad, exact=False)
+    return {"text": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), **timing}
+
+
+def time_decode(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int = 0) -> tuple[torch.Tensor, dict]:
+    """Exactly ``new_tokens`` greedy tokens after ``ids`` (end-of-text suppressed), timed as
+    :func:`timed_generate` times them: ``(all ids, timing)``. What a decode benchmark measures."""
+    return _timed(model, ids, new_tokens, _Clock(), pad_token_id, exact=True)
+
+
+class _Clock(BaseStreamer):
+    """Records when each new token arrives, and nothing else."""
+
+    def __init__(self):
+        self.arrivals: list[float] = []
+        self._prompt = True
+
+    def put(self, value):
+        if self._prompt:  # the first call carries the prompt itself
+            self._prompt = False
+        else:
+            self.arrivals.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _timed(model, ids, new_tokens: int, streamer, pad: int, exact: bool) -> tuple[torch.Tensor, dict]:
+    forced = {"min_new_tokens": new_tokens} if exact else {}
+    with torch.inference_mode():
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, streamer=streamer, pad_token_id=pad)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, streamer=streamer, pad_token_id=pad, **forced)
     times = streamer.arrivals
-    new = out[0, ids.shape[1]:]
     prefill = times[0] - start if times else time.perf_counter() - start
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-    return {"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": int(ids.shape[1]),
-            "new_tokens": int(new.numel()), "prefill_seconds": prefill, "prefill_tokens_per_s": ids.shape[1] / prefill,
-            "decode_tokens_per_s": decode}
+    return out, {"prompt_tokens": int(ids.shape[1]), "new_tokens": int(out.shape[1] - ids.shape[1]),
+                 "prefill_seconds": prefill, "prefill_tokens_per_s": ids.shape[1] / prefill,
+                 "decode_tokens_per_s": decode}

@@ -31,6 +31,8 @@ def kernel_path(x: torch.Tensor) -> str | None:
     """How a layer runs ``x`` (hot path: one environment read): ``None`` for the plain-torch
     reference, else the ``packed_linear`` path, ``auto`` or ``exact``."""
     mode = kernel_mode() if os.environ.get("LLMBIN_KERNEL") else "auto"
+    if torch.compiler.is_compiling():  # traced: never build here; the operators fall back where no kernel is built
+        return None if mode == "reference" or not (x.is_cpu or x.is_cuda) else mode
     if mode == "reference" or not (extension() is not None if x.is_cpu else x.is_cuda):
         return None
     return mode

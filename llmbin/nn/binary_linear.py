@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LlmbinError
 from ..kernels.dispatch import kernel_path
 from ..kernels.ops import LUT_MAX_WORK, packed_linear
 from ..kernels.plan import KernelPlan, build_plan
@@ -56,6 +57,15 @@ class BinaryLinear(nn.Module):
         full plan if it exists, else by a light one that copies nothing (no tiles, salient part
         read from the checkpoint's own streams), so evaluating long windows keeps a loaded
         model at about its packed size."""
+        if torch.compiler.is_compiling():
+            # A traced graph cannot check buffer versions, nor build a plan once rather than on
+            # every step: it reads the full plan an eager call built (prepare_decode builds them
+            # all). Graph guards retrace it when a move drops the plans.
+            built = self._plan
+            if built is None:
+                raise LlmbinError(f"{self.extra_repr()}: a compiled packed layer needs its kernel plan built by an "
+                                  "eager call first; call llmbin.prepare_decode(model) before compiling")
+            return built[1]
         buffers = self._buffers.values()  # C-level maps: this runs on every call
         key = (tuple(map(id, buffers)), tuple(map(_VERSION, buffers)))
         if self._plan is not None and self._plan[0] == key:

@@ -1,0 +1,284 @@
+"""Benchmark: decode speed through ``model.generate`` against llama.cpp's ``llama-bench``, one CPU.
+
+Every contender runs batch 1, greedy, a 512-token prompt (the start of the wikitext-2 test text)
+and exactly 128 new tokens, on ``--threads`` threads (2 by default), in its own process, one after
+another, so that memory figures are each its own and nothing else shares the CPU. Per contender:
+
+* prefill tokens/s (prompt tokens over the time to the first new token) and decode tokens/s (the
+  127 tokens after it), the median of ``--repeats`` timed runs after one untimed warm-up run
+  (which also compiles, for ``fast`` contenders: its seconds are reported apart);
+* peak RSS of the process;
+* bytes per token: what a decode step must read at least: every weight as stored (packed planes,
+  scales, salient streams, 16-bit tensors) except the input embedding, of which one row is read
+  (a tied output matrix counts once), plus the KV cache at the mean decode position;
+* the bytes limit, measured copy bandwidth / bytes per token, and decode as a share of it.
+
+Contenders (``--run``, repeatable; all of them by default):
+
+* ``float-fp32``, ``float-bf16``: the original model, eager ``generate``;
+* ``float-bf16-fast``: the same with llmbin's fast path (static cache, compiled decode step);
+* ``NAME``, ``NAME-fast`` for each ``--checkpoint NAME=DIR``: the packed checkpoint (float parts in
+  fp32, 16-bit tensors served as stored), eager and with ``llmbin.prepare_decode``;
+* ``gguf:NAME`` for each ``--gguf NAME=FILE``, and ``gguf:TYPE`` for each of ``--gguf-types`` (the
+  files ``eval/llamacpp_peer.py quantize`` made of ``--model``: block linears in TYPE, embedding and
+  output matrix in F16 as llmbin keeps them): ``llama-bench -p 512 -n 128 -t THREADS`` on that file
+  (``--llamacpp DIR`` from ``eval/llamacpp_peer.py build``).
+
+    python eval/decode_benchmark.py --out-dir runs/decode --model smollm2-135m \\
+        --checkpoint pb-llm-10=runs/methods/pb-llm-10 --llamacpp llamacpp --gguf-types Q4_0,Q2_K
+
+Writes ``decode.json`` and ``decode.md`` in ``--out-dir``. Each contender's result is saved as it
+finishes (``rows/NAME.json``) and kept, so an interrupted run resumes; ``--fresh`` re-measures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT_TOKENS, NEW_TOKENS = 512, 128
+
+
+def kv_bytes(layers: int, kv_width: int, element_bytes: int, position: float) -> float:
+    """KV cache bytes read by one decode step at ``position``: keys and values of every layer."""
+    return layers * 2 * kv_width * element_bytes * position
+
+
+def model_bytes_per_token(model) -> tuple[float, float]:
+    """(weight bytes a decode step reads, KV bytes per cached position), from the loaded model."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    if not tied:  # only the token's row of the input table is read
+        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_width = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
+    element = torch.finfo(model.dtype).bits // 8
+    return float(total), kv_bytes(config.num_hidden_layers, kv_width, element, 1.0)
+
+
+def prompt_ids(tokenizer, tokens: int):
+    from llmbin.data.text import resolve_text
+
+    ids = tokenizer(resolve_text("wikitext2", "test")[: tokens * 16], return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        sys.exit(f"the test text gave only {ids.shape[1]} tokens, {tokens} asked")
+    return ids
+
+
+def llmbin_worker(kind: str, target: str, threads: int, repeats: int) -> dict:
+    """One llmbin / transformers contender, in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import llmbin
+    from llmbin.checkpoint.io import load_tokenizer
+    from llmbin.evaluate.generation import time_decode
+    from llmbin.models import load_model
+
+    fast = kind.endswith("-fast")
+    if kind.startswith("float-"):
+        dtype = torch.bfloat16 if "bf16" in kind else torch.float32
+        model, tokenizer = load_model(target, dtype)
+    else:
+        model, tokenizer = llmbin.load(target, dtype=torch.float32), load_tokenizer(Path(target))
+    model.eval()
+    ids = prompt_ids(tokenizer, PROMPT_TOKENS)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if fast:
+        llmbin.prepare_decode(model)
+    start = time.perf_counter()
+    reference, _ = time_decode(model, ids, NEW_TOKENS, pad)  # warm-up: kernel load, plans, allocation, compile
+    warmup = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        out, timing = time_decode(model, ids, NEW_TOKENS, pad)
+        if not torch.equal(out, reference):
+            sys.exit(f"{kind}: the timed run's tokens differ from the warm-up's")
+        runs.append(timing)
+    weights, kv_per_position = model_bytes_per_token(model)
+    position = PROMPT_TOKENS + NEW_TOKENS / 2
+    return {"prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in runs),
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+            "decode_runs": [r["decode_tokens_per_s"] for r in runs], "warmup_seconds": warmup,
+            "weight_bytes_per_token": weights, "kv_bytes_per_token": kv_per_position * position,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens": out[0, PROMPT_TOKENS:].tolist()}
+
+
+def gguf_bytes_per_token(path: Path) -> tuple[float, float]:
+    """Like :func:`model_bytes_per_token`, for a GGUF file: stored tensor bytes (the token embedding
+    as one row unless it is also the output matrix), and llama.cpp's f16 KV bytes per position."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    if "output.weight" in tensors:
+        emb = tensors["token_embd.weight"]
+        total -= int(emb.n_bytes) - int(emb.n_bytes) // int(emb.shape[-1])
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def field(name):
+        return int(reader.fields[f"{arch}.{name}"].parts[-1][0])
+
+    heads = field("attention.head_count")
+    kv_heads = field("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
+    head_dim = field("embedding_length") // heads
+    return float(total), kv_bytes(field("block_count"), kv_heads * head_dim, 2, 1.0)
+
+
+def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
+    """``llama-bench -p 512 -n 128`` on ``path``; its peak RSS from the kernel's accounting of the child."""
+    cmd = [str(bench), "-m", str(path), "-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS), "-t", str(threads),
+           "-r", str(repeats), "-o", "json"]
+    print("+", " ".join(cmd), flush=True)
+    # a wrapper process whose only child is llama-bench, so that its children's peak RSS is llama-bench's
+    wrap = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+    stdout, rss_kib = proc.stdout, int(proc.stderr.strip().splitlines()[-1])
+    results = json.loads(stdout)
+    prefill = next(r for r in results if r["n_prompt"] == PROMPT_TOKENS and r["n_gen"] == 0)
+    decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r["n_prompt"] == 0)
+    weights, kv_per_position = gguf_bytes_per_token(path)
+    return {"prefill_tokens_per_s": prefill["avg_ts"], "decode_tokens_per_s": decode["avg_ts"],
+            "decode_runs": decode.get("samples_ts"), "weight_bytes_per_token": weights,
+            # llama-bench's tg test starts from an empty cache: its mean position is NEW_TOKENS / 2
+            "kv_bytes_per_token": kv_per_position * NEW_TOKENS / 2,
+            "peak_rss_mib": rss_kib / 1024,
+            "build": results[0].get("build_commit"), "type": results[0].get("model_type")}
+
+
+def llamacpp_file(root: Path | None, model: str, qtype: str) -> Path:
+    """The file ``eval/llamacpp_peer.py quantize --dir ROOT --model MODEL --types QTYPE`` wrote."""
+    from llmbin.models import resolve_model
+
+    if root is None:
+        sys.exit("--gguf-types needs --llamacpp DIR (eval/llamacpp_peer.py build --dir DIR)")
+    folder, extra = resolve_model(model)
+    source = Path(folder) / extra.get("gguf_file", "")
+    if source.suffix != ".gguf":
+        sys.exit(f"--gguf-types needs --model to be a GGUF file (or smollm2-135m), not {model}")
+    path = root / f"{source.stem.split('-q4_k_m')[0]}-{qtype}.gguf"
+    if not path.is_file():
+        sys.exit(f"{path} is missing; run: python eval/llamacpp_peer.py quantize --dir {root} --model {source} "
+                 f"--types {qtype}")
+    return path
+
+
+def copy_bandwidth() -> float:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernel_benchmark import copy_bandwidth as measure
+
+    return measure()
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    base = rows.get("float-bf16", {}).get("decode_tokens_per_s")
+    lines = [f"Decode benchmark: {result['model']}, batch 1, greedy, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new "
+             f"tokens, {result['threads']} threads; {result['machine']}; copy bandwidth "
+             f"{result['copy_bandwidth_gbs']:.1f} GB/s.", "",
+             "| contender | bytes/token MB | prefill tok/s | decode tok/s | × bf16 float | % of bytes limit | "
+             "peak RSS MiB | warm-up s |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        per_token = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
+        limit = result["copy_bandwidth_gbs"] * 1e9 / per_token
+        decode = row["decode_tokens_per_s"]
+        ratio = f"{decode / base:.2f}" if base else "n/a"
+        rss = f"{row['peak_rss_mib']:.0f}" if row.get("peak_rss_mib") else "n/a"
+        warm = f"{row['warmup_seconds']:.0f}" if "warmup_seconds" in row else "n/a"
+        lines.append(f"| {name} | {per_token / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | {decode:.1f} | {ratio} | "
+                     f"{100 * decode / limit:.0f} % | {rss} | {warm} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", type=Path, default=Path("runs/decode"))
+    p.add_argument("--model", default="smollm2-135m", help="the original model (llmbin's --model)")
+    p.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR: a packed checkpoint of --model")
+    p.add_argument("--gguf", action="append", default=[], help="NAME=FILE: a llama.cpp file of the same weights")
+    p.add_argument("--llamacpp", type=Path, help="eval/llamacpp_peer.py's --dir (for llama-bench)")
+    p.add_argument("--gguf-types", default="", help="TYPE,...: the files eval/llamacpp_peer.py quantize made of "
+                   "--model in --llamacpp")
+    p.add_argument("--run", action="append", help="only these contenders (default: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fresh", action="store_true", help="re-measure contenders already saved")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(llmbin_worker(*args.worker, args.threads, args.repeats)))
+        return
+    contenders = {"float-fp32": ("float-fp32", args.model), "float-bf16": ("float-bf16", args.model),
+                  "float-bf16-fast": ("float-bf16-fast", args.model)}
+    for spec in args.checkpoint:
+        name, directory = spec.split("=", 1)
+        contenders[name] = ("packed", directory)
+        contenders[f"{name}-fast"] = ("packed-fast", directory)
+    for spec in args.gguf:
+        name, path = spec.split("=", 1)
+        contenders[f"gguf:{name}"] = ("gguf", path)
+    for qtype in filter(None, args.gguf_types.split(",")):
+        contenders[f"gguf:{qtype}"] = ("gguf", str(llamacpp_file(args.llamacpp, args.model, qtype)))
+    unknown = set(args.run or []) - set(contenders)
+    if unknown:
+        sys.exit(f"unknown contenders {sorted(unknown)}; known: {', '.join(contenders)}")
+    saved = args.out_dir / "rows"
+    saved.mkdir(parents=True, exist_ok=True)
+    for name, (kind, target) in contenders.items():
+        if args.run and name not in args.run:
+            continue
+        path = saved / f"{name.replace(':', '-')}.json"
+        if path.exists() and not args.fresh:
+            print(f"{name}: kept ({path})")
+            continue
+        if kind == "gguf":
+            if args.llamacpp is None:
+                sys.exit("--gguf needs --llamacpp DIR (eval/llamacpp_peer.py build --dir DIR)")
+            row = llamacpp_row(args.llamacpp / "build" / "bin" / "llama-bench", Path(target), args.threads,
+                               args.repeats)
+        else:
+            out = subprocess.run([sys.executable, __file__, "--worker", kind, target, "--threads", str(args.threads),
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+        row.update(kind=kind, target=str(target))
+        path.write_text(json.dumps(row, indent=1))
+        print(f"{name}: prefill {row['prefill_tokens_per_s']:.1f}, decode {row['decode_tokens_per_s']:.1f} tokens/s",
+              flush=True)
+    rows = {f.stem: json.loads(f.read_text()) for f in sorted(saved.glob("*.json"))}
+    rows = {name.replace("gguf-", "gguf:", 1): row for name, row in rows.items()}
+    result = {"model": args.model, "threads": args.threads, "repeats": args.repeats,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "copy_bandwidth_gbs": copy_bandwidth(), "rows": rows,
+              "command": " ".join(["python", *sys.argv])}
+    (args.out_dir / "decode.json").write_text(json.dumps(result, indent=1))
+    (args.out_dir / "decode.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

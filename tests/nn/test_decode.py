@@ -1,0 +1,87 @@
+"""The fast decode path (static cache, compiled step) generates what the plain-torch reference does."""
+import pytest
+import torch
+
+import llmbin
+from llmbin.nn.binary_linear import BinaryLinear
+from llmbin.nn.half_weights import HalfWeightLinear, serve_half_weights
+from llmbin.nn.tree import set_submodule
+from tests.conftest import tiny_model
+
+# One layout per kind the format has, each from the method that writes it.
+LAYOUTS = {
+    "plain": ("rtn-sign", {}),
+    "salient": ("pb-llm", {}),
+    "fdb": ("db-llm", {}),
+    "grouped": ("gptq", {"bits": 2, "group_size": 32}),
+    "rotated": ("db-llm", {"planes": 1, "group_size": 32, "rotate": "both"}),
+}
+NEW_TOKENS = 64
+
+
+def _bf16_exact(model):
+    """Round the float weights to bf16 values, so the lm_head and embedding are served from 16 bits as a
+    loaded checkpoint serves them (HalfWeightLinear), and the half_linear operator is in the graph too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def mixed_model():
+    """A tiny Llama whose 14 block linears cycle through every layout: each block mixes them."""
+    calibration = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    sources = {kind: llmbin.quantize(_bf16_exact(tiny_model()), llmbin.make_config(method, **options), calibration,
+                                     progress=False)
+               for kind, (method, options) in LAYOUTS.items()}
+    model = _bf16_exact(tiny_model())
+    names = [name for name, m in sources["plain"].named_modules() if isinstance(m, BinaryLinear)]
+    kinds = list(LAYOUTS)
+    for i, name in enumerate(names):
+        set_submodule(model, name, sources[kinds[i % len(kinds)]].get_submodule(name))
+    assert serve_half_weights(model, torch.bfloat16) >= 1 and isinstance(model.lm_head, HalfWeightLinear)
+    model.generation_config.eos_token_id = None  # all NEW_TOKENS tokens
+    return model.eval()
+
+
+def _generate(model, ids):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=0)
+
+
+def test_compiled_decode_generates_the_reference_tokens_for_every_layout(mixed_model, monkeypatch):
+    layers = [m for m in mixed_model.modules() if isinstance(m, BinaryLinear)]
+    assert {m.layout["planes"] for m in layers} >= {1, 2} and any("salient" in m.layout for m in layers)
+    assert any(m.rotation is not None for m in layers)
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("LLMBIN_KERNEL", "reference")  # plain torch: dense decode of every layer
+    reference = _generate(mixed_model, ids)
+    monkeypatch.setenv("LLMBIN_KERNEL", "exact")  # the packed kernels, exact in fp32
+    torch._dynamo.reset()
+    llmbin.prepare_decode(mixed_model, fullgraph=True)  # a graph break fails the test
+    try:
+        fast = _generate(mixed_model, ids)
+    finally:
+        mixed_model.generation_config.compile_config = None
+        torch._dynamo.reset()
+    assert mixed_model.generation_config.cache_implementation == "static"
+    assert torch.equal(fast, reference)
+
+
+def test_a_compiled_layer_without_its_plan_names_the_fix():
+    layer = BinaryLinear.from_float(torch.nn.Linear(64, 32))
+    with torch.inference_mode():
+        layer(torch.randn(200, 64))  # a long eager call builds only the light plan, which one-token steps must not run
+    torch._dynamo.reset()
+    # torch.compile wraps the error raised while tracing in its own type; the message is ours
+    with pytest.raises(Exception, match="call llmbin.prepare_decode"):
+        torch.compile(layer, fullgraph=True)(torch.randn(1, 64))
+    torch._dynamo.reset()
+
+
+def test_prepare_decode_without_compile_keeps_eager_steps_with_a_static_cache():
+    model = llmbin.prepare_decode(tiny_model(), compile=False)
+    assert model.generation_config.cache_implementation == "static"
+    assert model.generation_config.compile_config is None
