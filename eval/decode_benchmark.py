@@ -199,7 +199,7 @@ def markdown(result: dict) -> str:
              f"tokens, {result['threads']} threads; {result['machine']}; copy bandwidth "
              f"{result['copy_bandwidth_gbs']:.1f} GB/s.", "",
              "| contender | bytes/token MB | prefill tok/s | decode tok/s | × bf16 float | % of bytes limit | "
-             "peak RSS MiB | warm-up s |", "|---|---|---|---|---|---|---|---|"]
+             "peak RSS MiB | warm-up s | tokens as eager |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         per_token = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
         limit = result["copy_bandwidth_gbs"] * 1e9 / per_token
@@ -207,8 +207,10 @@ def markdown(result: dict) -> str:
         ratio = f"{decode / base:.2f}" if base else "n/a"
         rss = f"{row['peak_rss_mib']:.0f}" if row.get("peak_rss_mib") else "n/a"
         warm = f"{row['warmup_seconds']:.0f}" if "warmup_seconds" in row else "n/a"
+        eager = rows.get(name[: -len("-fast")]) if name.endswith("-fast") else None
+        same = "n/a" if eager is None else ("same" if eager.get("tokens") == row.get("tokens") else "differ")
         lines.append(f"| {name} | {per_token / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | {decode:.1f} | {ratio} | "
-                     f"{100 * decode / limit:.0f} % | {rss} | {warm} |")
+                     f"{100 * decode / limit:.0f} % | {rss} | {warm} | {same} |")
     return "\n".join(lines) + "\n"
 
 
