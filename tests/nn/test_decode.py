@@ -85,3 +85,26 @@ def test_prepare_decode_without_compile_keeps_eager_steps_with_a_static_cache():
     model = llmbin.prepare_decode(tiny_model(), compile=False)
     assert model.generation_config.cache_implementation == "static"
     assert model.generation_config.compile_config is None
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_one_token_attention_equals_transformers_sdpa(mask_kind):
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llmbin.nn.decode import decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 6, 1, 16, generator=g), torch.randn(2, 2, 37, 16, generator=g),
+                         torch.randn(2, 2, 37, 16, generator=g))
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.rand(2, 1, 1, 37, generator=g) > 0.3
+        allowed[..., 0] = True
+        mask = allowed if mask_kind == "bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    ours, _ = decode_sdpa(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
