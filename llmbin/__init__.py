@@ -19,12 +19,13 @@ _PUBLIC = {
     "LlmbinConfig": ".checkpoint.hf_quantizer", "LlmbinHfQuantizer": ".checkpoint.hf_quantizer",
     "load": ".checkpoint.io", "save": ".checkpoint.io", "verification": ".checkpoint.tensors",
     "PBLLMConfig": ".config", "QuantConfig": ".config", "calibration_windows": ".data.calibration",
-    "LlmbinError": ".errors", "open_model": ".models", "prepare_decode": ".nn.decode", "quantize": ".quantize", "quantize_and_save": ".quantize",
+    "LlmbinError": ".errors", "open_model": ".models", "prepare_decode": ".nn.decode", "quantize": ".quantize",
+    "quantize_and_save": ".quantize",
     "recipe_config": ".recipes", "available_methods": ".config", "make_config": ".config",
 }
 __all__ = ["LlmbinConfig", "LlmbinError", "LlmbinHfQuantizer", "PBLLMConfig", "QuantConfig", "available_methods",
-           "calibration_windows", "load", "make_config", "open_model", "prepare_decode", "quantize", "quantize_and_save", "recipe_config",
-           "save", "verification"]
+           "calibration_windows", "load", "make_config", "open_model", "prepare_decode", "quantize",
+           "quantize_and_save", "recipe_config", "save", "verification"]
 
 if TYPE_CHECKING:  # for type checkers and documentation tools, which do not run __getattr__
     from .checkpoint.hf_quantizer import LlmbinConfig, LlmbinHfQuantizer

@@ -54,5 +54,6 @@ def half_linear(x: Tensor, weight: Tensor, use_kernel: bool = True) -> Tensor:
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     # eager calls skip the dispatcher (its round trip costs more than a small layer); traced ones need the operator
-    out = torch.ops.llmbin.half_linear(x2, weight, use_kernel) if torch.compiler.is_compiling() else _half_linear_2d(x2, weight, use_kernel)
+    compiling = torch.compiler.is_compiling()
+    out = (torch.ops.llmbin.half_linear if compiling else _half_linear_2d)(x2, weight, use_kernel)
     return out.view(*x.shape[:-1], N)

@@ -34,7 +34,7 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     copies the whole static cache once per query head in every step (``repeat_kv``): for SmolLM2
     (9 query heads, 3 key/value heads, 640 positions), 90 MB written per token."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+    if query.shape[2] != 1 or groups == 1 or dropout or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     # Two small matrix products and a softmax, which inductor fuses: the CPU flash kernel costs
     # about 180 us a call at this size (three heads of three queries), mostly its own overhead.
@@ -50,8 +50,8 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
 
 def _skip_plan_tensor_guards(entries) -> list[bool]:
-    """Keep every guard but the per-tensor checks on kernel plans' fields (thousands of tensors,
-    about 3 ms a step for SmolLM2). A plan is immutable and replaced whole when its layer moves,
+    """Keep every guard but the per-tensor checks on kernel plans' fields (thousands of tensors:
+    about 2 ms a step for SmolLM2). A plan is immutable and replaced whole when its layer moves,
     and the layer's own buffers and the plan's integers stay guarded."""
     return [not (entry.guard_type == "TENSOR_MATCH" and "_plan" in entry.name) for entry in entries]
 
