@@ -36,6 +36,27 @@ PHASES = [
 PLOT = "docs/qwen-pareto.png"
 TITLE = f"Qwen2.5-Coder-1.5B-Instruct, calibration 32 x 2048 (wikitext-2 validation), first {WINDOWS} test windows"
 MACHINE = "AMD EPYC VM, 2 cores (AVX2), 24 GiB, one job at a time."
+# The whole-test runs' window logs, committed as they grow (a run spans sessions): eval/results/qwen-whole-test/
+WHOLE_TEST = Path(__file__).resolve().parent / "results" / "qwen-whole-test"
+TEST_WINDOWS = 146
+
+
+def whole_test_lines(folder: Path = WHOLE_TEST) -> list[str]:
+    """The protocol's lines on the whole-test runs, read from their committed window logs."""
+    log = folder / "float.wikitext2-2048.windows.jsonl"
+    if not log.is_file():
+        return ["  also get the whole test, so that the prefix can be checked against it (not run yet)."]
+    rows = [json.loads(line) for line in log.read_text().splitlines()[1:] if line.strip()]
+    nll = {int(r["window"]): float(r["nll"]) for r in rows}
+    n, ppl = len(nll), math.exp(sum(nll.values()) / len(nll))
+    prefix = math.exp(sum(nll[i] for i in range(WINDOWS)) / WINDOWS) if all(i in nll for i in range(WINDOWS)) else None
+    state = (f"all {TEST_WINDOWS} windows: perplexity {ppl:.2f}" if n == TEST_WINDOWS
+             else f"{n} of {TEST_WINDOWS} windows so far: perplexity {ppl:.2f} over those {n}")
+    lines = ["  also get the whole test, so that the prefix can be checked against it. The float model's",
+             f"  whole-test log is committed as it grows (`eval/results/qwen-whole-test/`, {state})."]
+    if prefix is not None:
+        lines.append(f"  Its first {WINDOWS} windows give {prefix:.3f}, the float figure of the rows below.")
+    return lines + ["  The other two are not run yet."]
 
 
 def load(path: Path) -> dict | None:
@@ -153,7 +174,7 @@ def main() -> None:
                 "- **Evaluation.** Raw wikitext-2 test, tokenized once (299,078 tokens, 146 windows of 2048),",
                 "  llmbin's protocol: the mean NLL of every next-token prediction of each window. Every row reports",
                 f"  the **first {WINDOWS} windows**. The float model, the best llmbin point at about 2 bits and IQ2_XXS",
-                "  also get the whole test, so that the prefix can be checked against it (not run yet).",
+                *whole_test_lines(),
                 (f"- **Cost here.** The float model takes {sec:.0f} s per window in float32 on this machine (2 cores,"
                  if sec else "- **Cost here.** (float window time: not measured yet)"),
                 "  AVX2, no AVX-512), so 40 windows take about half an hour and the whole test about 2 hours.",
@@ -167,6 +188,7 @@ def main() -> None:
                 "python eval/llamacpp_peer.py quantize --dir /work/llamacpp --model $(python3 ../shared/models/fetch_model.py qwen2.5-coder-1.5b)",
                 "python eval/qwen_protocol.py --out runs/qwen --llamacpp /work/llamacpp float gguf:IQ2_XXS gguf:IQ1_S ...",
                 "python eval/qwen_record.py --runs runs/qwen --probe runs/qwen-pb10-probe.json --crosscheck runs/qwen/crosscheck-*.json",
+                "python eval/qwen_protocol.py --out eval/results/qwen-whole-test --windows 0 float   # resumes the committed log",
             ],
             "machine": MACHINE,
         },
