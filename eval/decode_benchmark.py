@@ -170,15 +170,15 @@ def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
 
 def llamacpp_file(root: Path | None, model: str, qtype: str) -> Path:
     """The file ``eval/llamacpp_peer.py quantize --dir ROOT --model MODEL --types QTYPE`` wrote."""
-    from llmbin.models import resolve_model
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp_peer import source_gguf, type_file
 
     if root is None:
         sys.exit("--gguf-types needs --llamacpp DIR (eval/llamacpp_peer.py build --dir DIR)")
-    folder, extra = resolve_model(model)
-    source = Path(folder) / extra.get("gguf_file", "")
+    source = source_gguf(model)
     if source.suffix != ".gguf":
         sys.exit(f"--gguf-types needs --model to be a GGUF file (or smollm2-135m), not {model}")
-    path = root / f"{source.stem.split('-q4_k_m')[0]}-{qtype}.gguf"
+    path = type_file(root, source, qtype)
     if not path.is_file():
         sys.exit(f"{path} is missing; run: python eval/llamacpp_peer.py quantize --dir {root} --model {source} "
                  f"--types {qtype}")

