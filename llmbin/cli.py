@@ -279,10 +279,13 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
 
         prepare_tasks(tasks, limit=args.limit, batch_size=args.eval_batch_size, task_data=args.task_data)
     check_device(args.device)
+    from . import distributed
     from .models import open_model, resolve_model
 
     resolve_model(args.model)  # a mistyped folder is named before transformers loads
-    _progress_bars(args.no_progress)
+    ranks, device = distributed.init_from_environment(args.device)  # under torchrun: join the other processes
+    writer = ranks.writer  # rank 0 writes the checkpoint and the report, and shows progress
+    _progress_bars(args.no_progress or not writer)
 
     from .bits import bit_report, directory_bytes
     from .checkpoint.folder import DeathWatch, claim_output, release_output
@@ -293,36 +296,45 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
 
     info = {"data": args.calib_data, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
     # before the model loads: the output can be written and is not another run's, and a resume has these options
-    work = claim_output(out)
-    watch = DeathWatch(out)  # says so at once if a SIGKILL (an out-of-memory kill) ends this run
+    work = claim_output(out) if writer else None
+    watch = DeathWatch(out) if writer else None  # says so at once if a SIGKILL (an out-of-memory kill) ends this run
     try:
-        check_resumable(work, run_options(config, {"model": args.model, **info}))
-        opened = open_model(args.model, dtype=args.dtype, device=args.device, whole=config.wants_distillation())
+        if writer:
+            check_resumable(work, run_options(config, {"model": args.model, **info}))
+        opened = open_model(args.model, dtype=args.dtype, device=device, whole=config.wants_distillation())
         calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
         start, stats = time.perf_counter(), {}
         report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),
                   "calibration": info, "dtype": str(opened.dtype).removeprefix("torch."), "streamed": opened.streamed,
                   "device": args.device, "timings": stats}
-        model = quantize_and_save(opened, config, calibration, out, device=args.device, progress=not args.no_progress,
+        model = quantize_and_save(opened, config, calibration, out, device=device, progress=not args.no_progress and writer,
                                   calibration_info={"model": args.model, **info},
                                   offload_activations=args.offload_activations,
                                   stop_after_blocks=args.stop_after_blocks, stats=stats)
     except QuantizationStopped as stop:
+        if not writer:
+            return None
         report.update({"stopped_after_blocks": stop.blocks_done, "quantize_seconds": time.perf_counter() - start,
                        "peak_rss_mib": _peak_rss_mib()})
         print(f"stopped after {stop.blocks_done} blocks as asked; they are in {out}.partial, rerun without "
               f"--stop-after-blocks to continue (peak RSS {report['peak_rss_mib']:.0f} MiB)")
         return report
     except BaseException as exc:
-        kept = len(finished_blocks(work)) if work.exists() else 0
-        release_output(out, remove=not kept)  # nothing half-written stays; finished blocks do, for the rerun
+        kept = len(finished_blocks(work)) if work is not None and work.exists() else 0
+        if writer:
+            release_output(out, remove=not kept)  # nothing half-written stays; finished blocks do, for the rerun
         if isinstance(exc, KeyboardInterrupt):
             how = f"stopped by {exc}" if isinstance(exc, Stopped) else "interrupted"
+            if not writer:
+                raise LlmbinError(f"{how}; rank 0 keeps the finished blocks") from None
             raise LlmbinError(f"{how}; {kept} finished blocks are kept in {work}, rerun the same command to resume"
                               if kept else f"{how} before any block was finished; nothing was kept") from None
         raise
     finally:
-        watch.ended()
+        if watch is not None:
+            watch.ended()
+    if not writer:
+        return None
     seconds = time.perf_counter() - start
     bits = bit_report(model)
     report.update({"bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
@@ -594,14 +606,35 @@ def _main(argv: list[str] | None) -> int:
 
             with verification(False if args.no_verify else None):
                 report = cmd_eval(args) if args.command == "eval" else cmd_generate(args)
-        _write_json(args.json, report)
+        if report is not None:  # None: a rank other than 0 under torch.distributed
+            _write_json(args.json, report)
     except LlmbinError as exc:
-        print(f"llmbin: error: {exc}", file=sys.stderr)
+        print(f"llmbin: error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"llmbin: stopped by {exc}" if isinstance(exc, Stopped) else "llmbin: interrupted", file=sys.stderr)
+        print(f"llmbin: {_rank_prefix()}stopped by {exc}" if isinstance(exc, Stopped) else
+              f"llmbin: {_rank_prefix()}interrupted", file=sys.stderr)
         return 128 + exc.signum if isinstance(exc, Stopped) else 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _rank_prefix() -> str:
+    """``rank R of N: `` under torch.distributed, so a failure names the process it came from."""
+    if "torch.distributed" not in sys.modules:
+        return ""
+    from .distributed import current
+
+    ranks = current()
+    return f"rank {ranks.rank} of {ranks.world}: " if ranks.distributed else ""
+
+
+def _leave_process_group() -> None:
+    if "torch.distributed" in sys.modules:
+        from .distributed import close
+
+        close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ memory at all.
 
 Activations live in one buffer (``activations``) in the model's 16-bit dtype: each window's
 slot holds the current block's input and is overwritten by its output.
+
+Under torch.distributed (``distributed``), each rank holds only its chunks' windows; the Hessians
+are summed chunk by chunk in one order at any world size, the block's layers are spread over the
+ranks, and every rank installs every packed layer and propagates its own windows.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .activations import activation_store, default_budget
-from .algorithms.hessian import accumulate_hessian
+from .algorithms.hessian import add_outer_products
 from .algorithms.incoherence import check_rotatable, layer_rotation
 from .algorithms.layer import quantize_layer
 from .block_tuning import tune_block, tuned_outside_packed
@@ -30,6 +35,7 @@ from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers
 from .nn.binary_linear import BinaryLinear
 from .nn.tree import set_submodule
+from .packing.packed_weight import PackedWeight
 from .placement import Placement, tensor_names
 from .registry import method_function
 
@@ -107,9 +113,9 @@ def _to_device(value, device):
     return value
 
 
-def _run_block(block, store, kwargs, device, dtype, write_back: bool) -> None:
-    """Run every window through ``block``; with ``write_back``, each output replaces its input."""
-    for i in range(len(store)):
+def _run_block(block, store, kwargs, device, dtype, write_back: bool, windows=None) -> None:
+    """Run every window (or those in ``windows``) through ``block``; with ``write_back``, each output replaces its input."""
+    for i in range(len(store)) if windows is None else windows:
         out = block(store[i].to(device=device, dtype=dtype), **kwargs)
         if write_back:
             store[i] = out[0] if isinstance(out, tuple) else out
@@ -150,6 +156,9 @@ def quantize_blocks(
     and, when tuning, ``tune`` (block index -> ``block_tuning.tune_block``'s report).
     """
     method = method_function(config)
+    ranks = distributed.current()
+    if ranks.distributed and config.tune:
+        raise LlmbinError("--tune runs in one process for now; launch without torchrun, or quantize without --tune")
     placement = Placement(device, weights)
     blocks = decoder_layers(model)
     prefix = module_name(model, blocks)
@@ -161,7 +170,12 @@ def quantize_blocks(
     stats["block_seconds"], start = {}, time.perf_counter()
     if config.tune:  # two buffers share the budget one would have
         activation_budget = (default_budget() if activation_budget is None else activation_budget) // 2
-    store, kwargs = capture_block_inputs(model, calibration, placement, dtype=activation_dtype or dtype,
+    distributed.check_world(ranks, len(calibration))
+    own = distributed.own_windows(ranks, len(calibration))  # this rank's windows, in store slots 0, 1, ...
+    slot = {window: i for i, window in enumerate(own)}
+    all_chunks = distributed.chunks(len(calibration))
+    chunks = [(c, [slot[w] for w in part]) for c, part in enumerate(all_chunks) if ranks.chunk_owner(c) == ranks.rank]
+    store, kwargs = capture_block_inputs(model, calibration[own], placement, dtype=activation_dtype or dtype,
                                          offload_dir=offload_activations, fallback_dir=fallback_dir,
                                          budget=activation_budget)
     stats["capture_seconds"] = time.perf_counter() - start
@@ -173,7 +187,7 @@ def quantize_blocks(
             for i in range(len(store)):
                 targets[i] = store[i]
             stats["tune"] = {}
-        bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
+        bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress or not ranks.writer)
         for index in bar:
             start, name = time.perf_counter(), f"{prefix}.{index}"
             block = placement.onload_module(model, name)
@@ -185,7 +199,7 @@ def quantize_blocks(
             else:
                 bar.set_postfix_str("collecting Hessians")
                 finished: BlockState = _quantize_block(block, store, kwargs, method, config, placement.device, dtype,
-                                                       index)
+                                                       index, chunks, len(all_chunks), ranks)
                 if targets is not None:
                     bar.set_postfix_str("tuning")
                     stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
@@ -222,12 +236,18 @@ def _install(block: nn.Module, state: BlockState, device) -> None:
 
 
 class _Hessians:
-    """Each linear's ``H = 2/n Σ x xᵀ`` over the calibration windows, accumulated in float32.
-    Linears fed the very same input tensor (q/k/v, gate/up) share one matrix: it is identical,
-    and at 70B the gate/up/down and q/k/v copies would cost gigabytes."""
+    """Each linear's ``H = 2/n Σ x xᵀ`` over the calibration windows, in float32: the sum of each
+    chunk's ``Σ x xᵀ`` (``distributed.chunks``), the chunks added in order. Under torch.distributed
+    the running total goes from each chunk's owner to the next's, so every rank's arithmetic is
+    the single process's. Linears fed the very same input tensor (q/k/v, gate/up) share one
+    matrix: it is identical, and at 70B the gate/up/down and q/k/v copies would cost gigabytes."""
 
     def __init__(self, linears: dict[str, nn.Linear], device: torch.device):
-        self.device, self.leader, self.sums = device, {}, {}
+        self.device, self.leader = device, {}
+        self.sums: dict[str, torch.Tensor] = {}  # leader -> Σ x xᵀ over the finished chunks
+        self.rows: dict[str, int] = {}
+        self.chunk: dict[str, torch.Tensor] = {}  # leader -> Σ x xᵀ over this chunk so far
+        self.chunk_rows: dict[str, int] = {}
         self._last: tuple[torch.Tensor | None, str | None] = (None, None)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
@@ -239,8 +259,10 @@ class _Hessians:
                 self.leader[name] = last_leader if x is last_x else name
             leader = self.leader[name]
             if leader == name:
-                H, n = self.sums.get(name) or (torch.zeros(x.shape[-1], x.shape[-1], device=self.device), 0)
-                self.sums[name] = accumulate_hessian(H, n, x.float())
+                S = self.chunk.get(name)
+                if S is None:
+                    S = self.chunk[name] = torch.zeros(x.shape[-1], x.shape[-1], device=self.device)
+                self.chunk_rows[name] = self.chunk_rows.get(name, 0) + add_outer_products(S, x)
             self._last = (x, leader)
         return accumulate
 
@@ -249,38 +271,106 @@ class _Hessians:
             h.remove()
         self._last = (None, None)
 
+    def end_chunk(self, chunk: int, count: int, ranks: distributed.Ranks) -> None:
+        """Add this chunk's sums to the total of chunks ``0..chunk-1`` (received from that chunk's
+        owner) and pass the total on to the next chunk's owner."""
+        if ranks.distributed and chunk > 0:
+            self.sums, info = distributed.recv(ranks.chunk_owner(chunk - 1), ranks, self.device)
+            self.rows = info["rows"]
+            self.leader = {**info["leaders"], **self.leader}
+        for leader, S in self.chunk.items():
+            if leader in self.sums:
+                self.sums[leader].add_(S)
+            else:
+                self.sums[leader] = S
+            self.rows[leader] = self.rows.get(leader, 0) + self.chunk_rows[leader]
+        self.chunk, self.chunk_rows = {}, {}
+        if ranks.distributed and chunk < count - 1:
+            distributed.send(self.sums, {"rows": self.rows, "leaders": self.leader}, ranks.chunk_owner(chunk + 1), ranks)
+            self.sums, self.rows = {}, {}
+
+    def finish(self, holder: int, owners: dict[str, int], ranks: distributed.Ranks) -> None:
+        """Scale the totals to ``2/n Σ x xᵀ`` on ``holder`` (the last chunk's owner) and send each to the
+        ranks that own a linear it belongs to (``owners``: linear name -> rank)."""
+        if ranks.distributed:
+            self.leader = distributed.broadcast_value(self.leader, holder, ranks)
+        if ranks.rank == holder:
+            for leader, H in self.sums.items():
+                H.mul_(2.0 / self.rows[leader])
+        if not ranks.distributed:
+            return
+        for leader in sorted(set(self.leader.values())):  # one order on every rank
+            targets = sorted({owners[n] for n, lead in self.leader.items() if lead == leader} - {holder})
+            for target in targets:
+                if ranks.rank == holder:
+                    distributed.send({"H": self.sums[leader]}, {}, target, ranks)
+                elif ranks.rank == target:
+                    self.sums[leader] = distributed.recv(holder, ranks, self.device)[0]["H"]
+        mine = {self.leader[n] for n, r in owners.items() if r == ranks.rank and n in self.leader}
+        self.sums = {k: v for k, v in self.sums.items() if k in mine}  # the holder keeps only its own layers'
+
     def pop(self, name: str, columns: int, remaining: list[str]) -> torch.Tensor:
         """``name``'s Hessian (zero if it never ran); freed here once no linear in ``remaining`` shares it."""
         leader = self.leader.get(name)
         if leader is None:
             return torch.zeros(columns, columns, device=self.device)
-        H = self.sums[leader][0]
+        H = self.sums[leader]
         if not any(self.leader.get(r) == leader for r in remaining):
             del self.sums[leader]
         return H
 
 
-def _quantize_block(block, store, kwargs, method, config, device, dtype, index) -> dict[str, BinaryLinear]:
+def _layer_cost(linear: nn.Linear) -> float:
+    """About what reconstructing a layer costs (the GPTQ-style column loop and the inverse): to balance ranks."""
+    return float(linear.out_features) * linear.in_features ** 2 + float(linear.in_features) ** 3
+
+
+def _quantize_block(block, store, kwargs, method, config, device, dtype, index,
+                    chunks: list[tuple[int, list[int]]] | None = None, total_chunks: int | None = None,
+                    ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, BinaryLinear]:
+    """Quantize ``block``'s linears in place from the windows in ``store``. ``chunks`` lists this rank's
+    chunks of the ``total_chunks`` as (chunk index, slots in ``store``); by default, one process's
+    chunks of all the windows in ``store``."""
     linears = linear_layers(block)
+    if chunks is None:
+        chunks = [(c, list(part)) for c, part in enumerate(distributed.chunks(len(store)))]
+        total_chunks = len(chunks)
     hessians = _Hessians(linears, device)
     try:
-        _run_block(block, store, kwargs, device, dtype, write_back=False)  # only the Hessian hooks matter here
+        for chunk, slots in chunks:  # only the Hessian hooks matter here
+            _run_block(block, store, kwargs, device, dtype, write_back=False, windows=slots)
+            hessians.end_chunk(chunk, total_chunks, ranks)
     finally:
         hessians.remove_hooks()
-    packed, names = {}, list(linears)
-    while names:  # each float weight is dropped as soon as its layer is packed
-        name = names.pop(0)
+    names = list(linears)
+    owner = dict(zip(names, distributed.assign([_layer_cost(linears[n]) for n in names], ranks.world)))
+    hessians.finish(ranks.chunk_owner(total_chunks - 1), owner, ranks)
+    packed: dict[str, BinaryLinear] = {}
+    mine = [n for n in names if owner[n] == ranks.rank]
+    while mine:  # each float weight is dropped as soon as its layer is packed
+        name = mine.pop(0)
         linear = linears.pop(name)
-        W = linear.weight.detach()
         # the Hessian is handed over, not kept here: rotated, its original is freed while the method runs
         # (one K × K matrix fewer at the block's peak, 321 MB for Qwen2.5-1.5B's down_proj, 3.3 GB for 70B's)
-        weight = quantize_layer(method, W, _finite_hessian(hessians, name, linear.in_features, names, index), config,
-                                layer_rotation(config, f"{index}.{name}"))
+        weight = quantize_layer(method, linear.weight.detach(), _finite_hessian(hessians, name, linear.in_features, mine, index),
+                                config, layer_rotation(config, f"{index}.{name}"))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])
-        del linear, W, weight
-    return packed
+        del linear, weight
+    if ranks.distributed:  # every rank installs every layer, sent by its owner, in one order
+        for name in names:
+            layer = packed.get(name)
+            tensors, info = distributed.broadcast(None if layer is None else layer.packed().named_tensors(),
+                                                  None if layer is None else {"meta": layer.layout},
+                                                  owner[name], ranks, device)
+            if layer is None:
+                linear = linears.pop(name)
+                bias = linear.bias.detach().clone() if linear.bias is not None else None
+                packed[name] = BinaryLinear(PackedWeight.from_tensors(tensors, "", info["meta"]), bias).to(device)
+                set_submodule(block, name, packed[name])
+                del linear
+    return {name: packed[name] for name in names}
 
 
 def _finite_hessian(hessians: "_Hessians", name: str, columns: int, later: list[str], index: int) -> torch.Tensor:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .bits import bit_report
 from .checkpoint.digests import tensor_digest
 from .checkpoint.folder import claim_output, release_output
 from .checkpoint.hf_quantizer import mark_quantized
 from .checkpoint.io import round_to_storage, save
-from .checkpoint.resume import BlockStore, finished_blocks
+from .checkpoint.resume import BlockStore, block_tensors, finished_blocks, modules_from_tensors
 from .checkpoint.shards import MAX_SHARD_BYTES
 from .checkpoint.tensors import STORAGE_DTYPE
 from .config import QuantConfig
@@ -38,6 +39,33 @@ def resume_note(done: int, total: int, work_dir: str | os.PathLike) -> str:
     blocks = f"block 0 of {total} is" if done == 1 else f"blocks 0-{done - 1} of {total} are"
     rest = f"continuing at block {done}" if done < total else "writing the checkpoint"
     return f"resuming: {blocks} done in {work_dir}; {rest}"
+
+
+class SharedBlocks(Mapping):
+    """Under torch.distributed: rank 0's finished blocks (``blocks``), each sent to every rank when the
+    driver asks for it (all ranks ask in the same order). Other ranks pass None."""
+
+    def __init__(self, blocks: Mapping[int, dict] | None, ranks: distributed.Ranks):
+        self.blocks, self.ranks = blocks, ranks
+        self.count = distributed.broadcast_value(len(blocks) if ranks.writer else None, 0, ranks)
+
+    def __getitem__(self, index: int) -> dict:
+        if index not in self:
+            raise KeyError(index)
+        state = self.blocks[index] if self.ranks.writer else None
+        tensors, layers = block_tensors(state) if self.ranks.writer else (None, None)
+        tensors, info = distributed.broadcast(tensors, {"layers": layers} if self.ranks.writer else None, 0, self.ranks,
+                                              "cpu")
+        return state if self.ranks.writer else {**modules_from_tensors(tensors, info["layers"]), **tensors}
+
+    def __contains__(self, index) -> bool:
+        return isinstance(index, int) and 0 <= index < self.count
+
+    def __iter__(self):
+        return iter(range(self.count))
+
+    def __len__(self) -> int:
+        return self.count
 
 
 FINITE_CHUNK = 1 << 24  # elements checked for NaN/inf at a time (bounds the temporary mask)
@@ -99,9 +127,12 @@ def quantize(
     ``stop_after_blocks`` and ``stats`` are the driver's (:func:`llmbin.driver.quantize_blocks`).
     """
     config.validate()
+    ranks = distributed.current()
+    if ranks.distributed and config.wants_distillation():
+        raise LlmbinError("distillation runs in one process; launch without torchrun, or quantize without --distill")
     if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise LlmbinError("calibration must be a (nsamples, seqlen) LongTensor of token ids; see llmbin.calibration_windows")
-    if weights is not None and work_dir is None:
+    if weights is not None and work_dir is None and ranks.writer:  # other ranks' blocks are rank 0's to write
         raise LlmbinError("a streamed model needs a work_dir for its finished blocks")
     if weights is not None and config.wants_distillation():
         raise LlmbinError("distillation trains the whole model, so it needs the model loaded whole; "
@@ -109,9 +140,9 @@ def quantize(
     check_positions(model.config, calibration.shape[1])
     check_token_ids(model, calibration)
     act_dtype = activations_dtype or float_dtype(model)
-    model_identity = check_source(model, weights, progress)
     done, on_block_done = {}, None
-    if work_dir is not None:
+    if work_dir is not None and ranks.writer:
+        model_identity = check_source(model, weights, progress)
         fingerprint = {**run_options(config, calibration_info),
                        "shape": list(calibration.shape), "checksum": int(calibration.sum()),
                        "dtype": str(float_dtype(model)), "activations": str(act_dtype),
@@ -120,6 +151,10 @@ def quantize(
         done, on_block_done = store.finished(), store.save
         if len(done):
             print(resume_note(len(done), len(decoder_layers(model)), work_dir), flush=True)
+    elif ranks.writer:
+        check_source(model, weights, progress)
+    if ranks.distributed:
+        done = SharedBlocks(done if ranks.writer else None, ranks)
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}
     quantize_blocks(model, config, calibration, device=device, weights=weights, done=done, on_block_done=on_block_done,
                     activation_dtype=act_dtype, offload_activations=offload_activations, fallback_dir=work_dir,
@@ -153,6 +188,12 @@ def quantize_and_save(opened: OpenedModel, config: QuantConfig, calibration: tor
     one shard at a time; a whole model is saved from memory. Returns the model (a skeleton
     with packed layers on the meta device when streamed)."""
     out = Path(out)
+    if not distributed.current().writer:  # under torch.distributed, rank 0 writes the blocks and the checkpoint
+        return quantize(opened.model, config, calibration, device=device, progress=False,
+                        calibration_info=calibration_info, weights=opened.weights,
+                        activations_dtype=activation_dtype(opened.dtype, opened.stored_dtype),
+                        offload_activations=offload_activations, activation_budget=activation_budget,
+                        stop_after_blocks=stop_after_blocks, stats=stats)
     work_dir = claim_output(out)  # locked for this process until the checkpoint is complete
     try:
         model = quantize(opened.model, config, calibration, device=device, progress=progress, work_dir=work_dir,

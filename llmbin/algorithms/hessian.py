@@ -17,6 +17,15 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple
     return H, total
 
 
+def add_outer_products(S: torch.Tensor, X: torch.Tensor) -> int:
+    """``S += Σ x xᵀ`` over the rows ``x`` of ``X (..., K)``, in ``S``'s dtype; returns the number of rows.
+    The driver sums these per chunk of windows and scales the total by ``2/n`` once, so the sum's
+    order is fixed whatever the number of processes."""
+    X = X.reshape(-1, X.shape[-1]).to(S.dtype)
+    S.addmm_(X.t(), X)
+    return X.shape[0]
+
+
 def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """A copy of ``H`` with dead inputs' ``H_jj`` set to 1 and ``percdamp * mean(diag H)`` added to the diagonal.
 

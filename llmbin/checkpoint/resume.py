@@ -40,12 +40,19 @@ class BlockStore:
 
     def save(self, index: int, modules: dict[str, BinaryLinear | torch.Tensor]) -> None:
         """Persist block ``index``'s packed layers and tuned parameters (keyed by their names inside the block)."""
-        layers = {name: m for name, m in modules.items() if isinstance(m, BinaryLinear)}
-        tensors = {f"{name}.{key}": value for name, m in layers.items() for key, value in m.state_dict().items()}
-        tensors.update({name: value for name, value in modules.items() if name not in layers})
+        tensors, layers = block_tensors(modules)
         tmp = self._path(index).with_suffix(".tmp")
-        write_tensors(tmp, tensors, layer_metadata(layers))
+        write_tensors(tmp, tensors, layers)
         tmp.rename(self._path(index))  # a block file exists only once it is complete
+
+
+def block_tensors(modules: dict[str, BinaryLinear | torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """A finished block as stored: its tensors by name in the block, and its packed layers' descriptions
+    (:func:`modules_from_tensors` turns them back into the block's modules)."""
+    layers = {name: m for name, m in modules.items() if isinstance(m, BinaryLinear)}
+    tensors = {f"{name}.{key}": value for name, m in layers.items() for key, value in m.state_dict().items()}
+    tensors.update({name: value for name, value in modules.items() if name not in layers})
+    return tensors, layer_metadata(layers)
 
 
 def check_resumable(directory: str | os.PathLike, fingerprint: dict) -> None:

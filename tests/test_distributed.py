@@ -1,0 +1,96 @@
+"""``torchrun -m llmbin quantize``: one, two and three processes (gloo, one thread each) write the
+same checkpoint byte for byte, a run resumes at another world size, and a misfit launch is refused."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmbin import distributed
+from llmbin.checkpoint.digests import file_digests
+
+BLOCKS = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.num_hidden_layers = BLOCKS
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dist") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run(world, model_dir, text_file, out, *extra, nsamples=12):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+    command = ([sys.executable] if world == 1 else launcher) + [
+        "-m", "llmbin", "quantize", "--model", str(model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+        "--nsamples", str(nsamples), "--seqlen", "32", "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "ckpt"
+    done = _run(1, model_dir, text_file, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _same_checkpoint(a, b):
+    assert file_digests(a / "model.safetensors") == file_digests(b / "model.safetensors")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "config.json").read_text() == (b / "config.json").read_text()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_any_world_size_writes_the_one_process_checkpoint(model_dir, text_file, tmp_path, one_process, world):
+    # 12 windows are 3 chunks: with 2 processes the Hessian total goes 0 -> 1 -> 0, with 3 it visits each
+    out = tmp_path / "ckpt"
+    done = _run(world, model_dir, text_file, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_checkpoint(out, one_process)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # rank 0 alone wrote, and cleaned up
+
+
+def test_a_run_stopped_in_one_process_resumes_in_two_to_the_same_checkpoint(model_dir, text_file, tmp_path,
+                                                                          one_process):
+    out = tmp_path / "ckpt"
+    first = _run(1, model_dir, text_file, out, "--stop-after-blocks", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _run(2, model_dir, text_file, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: block 0 of 3 is done" in resumed.stdout
+    _same_checkpoint(out, one_process)
+
+
+def test_more_processes_than_chunks_is_refused_by_name(model_dir, text_file, tmp_path):
+    done = _run(2, model_dir, text_file, tmp_path / "ckpt", nsamples=4)
+    assert done.returncode != 0
+    assert ("llmbin: error: rank 0 of 2: 2 processes but 4 calibration windows make only 1 chunks of 4; launch at "
+            "most 1 processes or give more --nsamples") in done.stderr.splitlines()
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.partial").exists()
+
+
+def test_chunks_and_their_owners_do_not_depend_on_the_world_size():
+    assert [list(c) for c in distributed.chunks(10)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert distributed.own_windows(distributed.Ranks(1, 2), 10) == [4, 5, 6, 7]
+    assert distributed.own_windows(distributed.Ranks(0, 2), 10) == [0, 1, 2, 3, 8, 9]
+    assert sorted(w for r in range(3) for w in distributed.own_windows(distributed.Ranks(r, 3), 10)) == list(range(10))
+
+
+def test_layers_are_spread_largest_first_to_the_least_loaded_rank():
+    # q, k, v, o, gate, up, down of a Llama-like block: down alone is as costly as gate and up together
+    assert distributed.assign([1, 1, 1, 1, 4, 4, 8], 2) == [0, 1, 0, 1, 1, 1, 0]
+    assert distributed.assign([3, 3], 1) == [0, 0]
