@@ -320,6 +320,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
               f"--stop-after-blocks to continue (peak RSS {report['peak_rss_mib']:.0f} MiB)")
         return report
     except BaseException as exc:
+        _ending()  # a launcher's SIGTERM after this failure must not cut the message short
         kept = len(finished_blocks(work)) if work is not None and work.exists() else 0
         if writer:
             release_output(out, remove=not kept)  # nothing half-written stays; finished blocks do, for the rerun
@@ -329,6 +330,9 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
                 raise LlmbinError(f"{how}; rank 0 keeps the finished blocks") from None
             raise LlmbinError(f"{how}; {kept} finished blocks are kept in {work}, rerun the same command to resume"
                               if kept else f"{how} before any block was finished; nothing was kept") from None
+        if isinstance(exc, distributed.PeerLost) and writer:
+            raise LlmbinError(f"{exc}; {kept} finished blocks are kept in {work}, rerun the same command (with any "
+                              "number of processes) to resume" if kept else f"{exc}; no block was finished") from None
         raise
     finally:
         if watch is not None:
@@ -571,8 +575,19 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_ENDING = False
+
+
+def _ending() -> None:
+    """The run is failing and says why: a SIGTERM from here on (torchrun stopping every rank once one
+    failed) no longer interrupts the last message."""
+    global _ENDING
+    _ENDING = True
+
+
 def _stop(signum, frame):
-    raise Stopped(signum)
+    if not _ENDING:
+        raise Stopped(signum)
 
 
 @contextmanager
@@ -581,10 +596,13 @@ def _stop_on_signals():
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return
+    global _ENDING
+    _ENDING = False
     previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
+        _ENDING = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

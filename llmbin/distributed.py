@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,7 +27,23 @@ from .errors import LlmbinError
 
 CHUNK_WINDOWS = 4  # windows per chunk: part of the arithmetic (the order of the Hessian sums), so fixed
 TIMEOUT_ENV = "LLMBIN_DISTRIBUTED_TIMEOUT"
-DEFAULT_TIMEOUT_S = 4 * 3600  # a rank may wait this long for another's layer (a 70B block took 2,917 s on a CPU)
+DEFAULT_TIMEOUT_S = 2 * 3600  # a rank may wait this long for another's layer (a 70B block took 2,917 s on a CPU)
+
+
+class PeerLost(LlmbinError):
+    """A message could not be sent or received: another process of the run failed, was killed, or
+    cannot be reached. The launcher (torchrun) then stops the others; this is what they say."""
+
+
+@contextmanager
+def _talking(what: str):
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's and NCCL's errors (DistBackendError is one)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.split("] ", 1)[-1].split(". ")[0][:160]  # gloo prefixes its source file and line
+        raise PeerLost(f"lost contact with another process while {what} ({reason}); another rank failed or was "
+                       "killed, its own message or the launcher's summary says which") from None
 
 
 @dataclass(frozen=True)
@@ -161,14 +178,20 @@ def send(tensors: dict[str, torch.Tensor], info: dict, dst: int, ranks: Ranks) -
     import torch.distributed as dist
 
     header = torch.frombuffer(bytearray(_header(tensors, info)), dtype=torch.uint8).to(ranks.device)
-    dist.send(torch.tensor([header.numel()], dtype=torch.int64, device=ranks.device), dst)
-    dist.send(header, dst)
-    for t in tensors.values():
-        if t.numel():
-            dist.send(_bytes_of(t, ranks.device), dst)
+    with _talking(f"sending to rank {dst}"):
+        dist.send(torch.tensor([header.numel()], dtype=torch.int64, device=ranks.device), dst)
+        dist.send(header, dst)
+        for t in tensors.values():
+            if t.numel():
+                dist.send(_bytes_of(t, ranks.device), dst)
 
 
 def recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
+    with _talking(f"waiting for rank {src}"):
+        return _recv(src, ranks, device)
+
+
+def _recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
     import torch.distributed as dist
 
     length = torch.empty(1, dtype=torch.int64, device=ranks.device)
@@ -188,6 +211,11 @@ def recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, 
 def broadcast(tensors: dict[str, torch.Tensor] | None, info: dict | None, src: int, ranks: Ranks,
               device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
     """``src``'s ``tensors`` and ``info`` on every rank (others pass None), on ``device``."""
+    with _talking(f"exchanging with rank {src}"):
+        return _broadcast(tensors, info, src, ranks, device)
+
+
+def _broadcast(tensors, info, src: int, ranks: Ranks, device) -> tuple[dict[str, torch.Tensor], dict]:
     import torch.distributed as dist
 
     mine = ranks.rank == src

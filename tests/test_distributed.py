@@ -94,3 +94,52 @@ def test_layers_are_spread_largest_first_to_the_least_loaded_rank():
     # q, k, v, o, gate, up, down of a Llama-like block: down alone is as costly as gate and up together
     assert distributed.assign([1, 1, 1, 1, 4, 4, 8], 2) == [0, 1, 0, 1, 1, 1, 0]
     assert distributed.assign([3, 3], 1) == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def slower_model_dir(tmp_path_factory, tokenizer):
+    """Blocks that take a few seconds each, so a rank can be killed mid-run."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 256, 512
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("slower") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_killed_rank_stops_the_run_in_one_line_and_its_blocks_resume(slower_model_dir, text_file, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "ckpt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llmbin"]
+    args = ["quantize", "--model", str(slower_model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+            "--nsamples", "8", "--seqlen", "128", "--out", str(out), "--no-progress"]
+    run = subprocess.Popen(launcher + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ckpt.partial").glob("block_*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rank1 = next(p for p in psutil.Process(run.pid).children() if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGKILL)  # as the out-of-memory killer would
+    killed = time.monotonic()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0 and time.monotonic() - killed < 60
+    said = [line for line in err.splitlines() if line.startswith("llmbin: error: rank 0 of 2: ")]
+    assert len(said) == 1 and "finished blocks are kept in" in said[0] and "rerun the same command" in said[0], err[-3000:]
+    assert not [line for line in err.splitlines() if line.startswith("[rank0]:")], err[-3000:]  # no traceback of ours
+    kept = len(list((tmp_path / "ckpt.partial").glob("block_*.safetensors")))
+    assert 1 <= kept < 6
+    resumed = subprocess.run([sys.executable, "-m", "llmbin", *args], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: block 0 of 6 is done" in resumed.stdout if kept == 1 else f"blocks 0-{kept - 1} of 6" in resumed.stdout
+    whole = tmp_path / "whole"
+    assert subprocess.run([sys.executable, "-m", "llmbin", *args[:-3], "--out", str(whole), "--no-progress"],
+                          env=_env(), capture_output=True).returncode == 0
+    _same_checkpoint(out, whole)

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -128,6 +129,18 @@ def cached_sources(directory: Path) -> list[Path]:
     return copies
 
 
+def _try_lock(handle, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def build_lock(directory: Path):
     """One builder per directory. torch's own marker file survives a build that was killed
@@ -137,9 +150,7 @@ def build_lock(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "llmbin.lock", "a") as handle:
         if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if not _try_lock(handle, seconds=3.0):  # a load of a finished build holds it for a moment: no word
                 print(f"llmbin: waiting for another process to finish building the CPU kernel in {directory} "
                       "(a first build takes a few minutes)", file=sys.stderr, flush=True)
                 fcntl.flock(handle, fcntl.LOCK_EX)

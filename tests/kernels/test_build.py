@@ -66,6 +66,22 @@ def test_a_process_waiting_for_another_build_says_so(tmp_path, capsys):
     assert out.strip() == "built"
 
 
+def test_a_lock_held_for_a_moment_gives_no_message(tmp_path):
+    # processes of one torchrun run load the finished build at once; each load holds the lock briefly
+    import fcntl
+    import time
+
+    with open(tmp_path / "llmbin.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code = ("import sys; from pathlib import Path; from llmbin.kernels.cpu import build_lock\n"
+                f"print('trying', flush=True)\nwith build_lock(Path({str(tmp_path)!r})): print('built')")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "trying"
+        time.sleep(1.0)  # the child waits on the lock for this long
+    out, err = proc.communicate(timeout=60)
+    assert out.strip() == "built" and "waiting" not in err
+
+
 def test_a_kernel_cache_that_others_can_write_is_refused_before_anything_is_loaded(tmp_path, monkeypatch):
     """Issue 35's probe: a library planted in a cache folder with mode 0777 was loaded on first
     kernel use, and its constructor ran."""
