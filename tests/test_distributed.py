@@ -32,10 +32,10 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _run(world, model_dir, text_file, out, *extra, nsamples=12):
+def _run(world, model_dir, text_file, out, *extra, nsamples=12, method="pb-llm"):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
     command = ([sys.executable] if world == 1 else launcher) + [
-        "-m", "llmbin", "quantize", "--model", str(model_dir), "--method", "pb-llm", "--calib-data", str(text_file),
+        "-m", "llmbin", "quantize", "--model", str(model_dir), "--method", method, "--calib-data", str(text_file),
         "--nsamples", str(nsamples), "--seqlen", "32", "--out", str(out), "--no-progress", *extra]
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
 
@@ -62,6 +62,15 @@ def test_any_world_size_writes_the_one_process_checkpoint(model_dir, text_file, 
     assert done.returncode == 0, done.stderr[-3000:]
     _same_checkpoint(out, one_process)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # rank 0 alone wrote, and cleaned up
+
+
+def test_a_rotated_grouped_method_is_the_same_in_two_processes(model_dir, text_file, tmp_path):
+    # rotations and group terms travel in the layer's description, not in its tensors
+    one, two = tmp_path / "one", tmp_path / "two"
+    for world, out in ((1, one), (2, two)):
+        done = _run(world, model_dir, text_file, out, "--rotate", "input", method="db-llm")
+        assert done.returncode == 0, done.stderr[-3000:]
+    _same_checkpoint(one, two)
 
 
 def test_a_run_stopped_in_one_process_resumes_in_two_to_the_same_checkpoint(model_dir, text_file, tmp_path,
