@@ -174,70 +174,62 @@ def _typed(raw: torch.Tensor, entry: list, device: torch.device | str) -> torch.
     return raw.view(getattr(torch, dtype)).reshape(shape).to(device)
 
 
-def send(tensors: dict[str, torch.Tensor], info: dict, dst: int, ranks: Ranks) -> None:
-    import torch.distributed as dist
-
-    header = torch.frombuffer(bytearray(_header(tensors, info)), dtype=torch.uint8).to(ranks.device)
-    with _talking(f"sending to rank {dst}"):
-        dist.send(torch.tensor([header.numel()], dtype=torch.int64, device=ranks.device), dst)
-        dist.send(header, dst)
-        for t in tensors.values():
-            if t.numel():
-                dist.send(_bytes_of(t, ranks.device), dst)
-
-
-def recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
-    with _talking(f"waiting for rank {src}"):
-        return _recv(src, ranks, device)
+def _exchange_header(text: bytes | None, move, ranks: Ranks) -> dict:
+    """The message's JSON header, moved by ``move`` (a send, a receive or a broadcast of one tensor):
+    ``text`` on the side that has it, None on the side that receives it."""
+    length = torch.tensor([len(text) if text is not None else 0], dtype=torch.int64, device=ranks.device)
+    move(length)
+    header = (torch.frombuffer(bytearray(text), dtype=torch.uint8).to(ranks.device) if text is not None
+              else torch.empty(int(length.item()), dtype=torch.uint8, device=ranks.device))
+    move(header)
+    return json.loads(bytes(header.cpu().tolist()))
 
 
-def _recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
-    import torch.distributed as dist
+def _put(tensors: dict[str, torch.Tensor], move, ranks: Ranks) -> None:
+    for t in tensors.values():
+        if t.numel():
+            move(_bytes_of(t, ranks.device))
 
-    length = torch.empty(1, dtype=torch.int64, device=ranks.device)
-    dist.recv(length, src)
-    header = torch.empty(int(length.item()), dtype=torch.uint8, device=ranks.device)
-    dist.recv(header, src)
-    parsed = json.loads(bytes(header.cpu().tolist()))
+
+def _take(parsed: dict, move, ranks: Ranks, device) -> tuple[dict[str, torch.Tensor], dict]:
     out = {}
     for entry in parsed["tensors"]:
         name, raw = _empty(entry, ranks.device)
         if raw.numel():
-            dist.recv(raw, src)
+            move(raw)
         out[name] = _typed(raw, entry, device)
     return out, parsed["info"]
+
+
+def send(tensors: dict[str, torch.Tensor], info: dict, dst: int, ranks: Ranks) -> None:
+    import torch.distributed as dist
+
+    with _talking(f"sending to rank {dst}"):
+        move = lambda t: dist.send(t, dst)  # noqa: E731
+        _exchange_header(_header(tensors, info), move, ranks)
+        _put(tensors, move, ranks)
+
+
+def recv(src: int, ranks: Ranks, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch.distributed as dist
+
+    with _talking(f"waiting for rank {src}"):
+        move = lambda t: dist.recv(t, src)  # noqa: E731
+        return _take(_exchange_header(None, move, ranks), move, ranks, device)
 
 
 def broadcast(tensors: dict[str, torch.Tensor] | None, info: dict | None, src: int, ranks: Ranks,
               device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict]:
     """``src``'s ``tensors`` and ``info`` on every rank (others pass None), on ``device``."""
-    with _talking(f"exchanging with rank {src}"):
-        return _broadcast(tensors, info, src, ranks, device)
-
-
-def _broadcast(tensors, info, src: int, ranks: Ranks, device) -> tuple[dict[str, torch.Tensor], dict]:
     import torch.distributed as dist
 
-    mine = ranks.rank == src
-    header = torch.frombuffer(bytearray(_header(tensors, info)), dtype=torch.uint8) if mine else None
-    length = torch.tensor([header.numel() if mine else 0], dtype=torch.int64, device=ranks.device)
-    dist.broadcast(length, src)
-    header = header.to(ranks.device) if mine else torch.empty(int(length.item()), dtype=torch.uint8,
-                                                              device=ranks.device)
-    dist.broadcast(header, src)
-    parsed = json.loads(bytes(header.cpu().tolist()))
-    if mine:
-        for t in tensors.values():
-            if t.numel():
-                dist.broadcast(_bytes_of(t, ranks.device), src)
-        return tensors, info
-    out = {}
-    for entry in parsed["tensors"]:
-        name, raw = _empty(entry, ranks.device)
-        if raw.numel():
-            dist.broadcast(raw, src)
-        out[name] = _typed(raw, entry, device)
-    return out, parsed["info"]
+    with _talking(f"exchanging with rank {src}"):
+        move = lambda t: dist.broadcast(t, src)  # noqa: E731
+        if ranks.rank == src:
+            _exchange_header(_header(tensors, info), move, ranks)
+            _put(tensors, move, ranks)
+            return tensors, info
+        return _take(_exchange_header(None, move, ranks), move, ranks, device)
 
 
 def broadcast_value(value, src: int, ranks: Ranks):

@@ -58,6 +58,20 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
 
 
+def saved_tiny_model(path, tokenizer, **config):
+    """The tiny Llama, with ``config`` changed (e.g. ``num_hidden_layers=6``), saved with ``tokenizer`` to
+    ``path``: a source model folder for ``llmbin quantize``."""
+    from transformers import AutoModelForCausalLM
+
+    changed = tiny_config()
+    for key, value in config.items():
+        setattr(changed, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(changed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def packed_checkpoint(model, calibration, out, tokenizer=None):
     """``model`` quantized with PB-LLM's defaults and saved to ``out`` (with ``tokenizer`` if given): (model, out)."""
     import llmbin

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from llmbin.checkpoint.digests import file_digests
 
@@ -17,17 +16,9 @@ BLOCKS = 6
 
 @pytest.fixture(scope="module")
 def six_block_dir(tmp_path_factory, tokenizer):
-    from transformers import AutoModelForCausalLM
+    from tests.conftest import saved_tiny_model
 
-    from tests.conftest import tiny_config
-
-    config = tiny_config()
-    config.num_hidden_layers = BLOCKS
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("six") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path_factory.mktemp("six") / "model", tokenizer, num_hidden_layers=BLOCKS)
 
 
 def _command(model_dir, text_file, out):
