@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmbin import distributed
 from llmbin.checkpoint.digests import file_digests
@@ -138,3 +139,19 @@ def test_a_killed_rank_stops_the_run_in_one_line_and_its_blocks_resume(slower_mo
     assert subprocess.run([sys.executable, "-m", "llmbin", *args[:-3], "--out", str(whole), "--no-progress"],
                           env=_env(), capture_output=True).returncode == 0
     _same_checkpoint(out, whole)
+
+
+def test_launch_mistakes_are_named_before_joining(monkeypatch):
+    from llmbin.errors import LlmbinError
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(LlmbinError, match="WORLD_SIZE='two' in the environment is not a number; launch with torchrun"):
+        distributed.init_from_environment("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LlmbinError, match=r"LOCAL_RANK 3 but this machine has 2 CUDA GPU\(s\); launch at most one "
+                                          r"process per GPU \(--nproc-per-node\)"):
+        distributed.init_from_environment("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not launched: nothing joined, the device as given
+    assert distributed.init_from_environment("cuda:1") == (distributed.SINGLE, "cuda:1")
