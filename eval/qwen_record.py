@@ -53,9 +53,10 @@ def whole_test_lines(folder: Path = WHOLE_TEST) -> list[str]:
     state = (f"all {TEST_WINDOWS} windows: perplexity {ppl:.2f}" if n == TEST_WINDOWS
              else f"{n} of {TEST_WINDOWS} windows so far: perplexity {ppl:.2f} over those {n}")
     lines = ["  also get the whole test, so that the prefix can be checked against it. The float model's",
-             f"  whole-test log is committed as it grows (`eval/results/qwen-whole-test/`, {state})."]
+             f"  whole-test log is committed{'' if n == TEST_WINDOWS else ' as it grows'} (`eval/results/qwen-whole-test/`, {state})."]
     if prefix is not None:
-        lines.append(f"  Its first {WINDOWS} windows give {prefix:.3f}, the float figure of the rows below.")
+        lines.append(f"  Its first {WINDOWS} windows give {prefix:.3f}, the float figure of the rows below"
+                     + (f": {1 - prefix / ppl:.1%} below the whole test's {ppl:.3f}." if n == TEST_WINDOWS else "."))
     return lines + ["  The other two are not run yet."]
 
 
