@@ -36,13 +36,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"1x2": (1, 2), "1x1": (1, 1), "2x1": (2, 1)}
+# name: (processes, threads per process, environment); "spin" is libgomp's own default (300,000 spins before a
+# waiting thread sleeps), which llmbin quantize replaces with OMP_WAIT_POLICY=PASSIVE unless either is set
+LAYOUTS = {"1x2-spin": (1, 2, {"GOMP_SPINCOUNT": "300000"}), "1x2": (1, 2, {}), "1x1": (1, 1, {}), "2x1": (2, 1, {})}
 BUSY = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\n"
         "while True:\n    a = torch.tanh(a @ a)\n")
 
 
 def run_layout(name: str, args, out_dir: Path, busy: bool) -> dict:
-    processes, threads = LAYOUTS[name]
+    processes, threads, extra_env = LAYOUTS[name]
     tag = f"{name}{'-busy' if busy else ''}"
     record = out_dir / "runs" / f"{tag}.json"
     if record.exists() and not args.fresh:
@@ -56,7 +58,7 @@ def run_layout(name: str, args, out_dir: Path, busy: bool) -> dict:
     command = launch + ["-m", "llmbin", "quantize", "--model", args.model, "--recipe", args.recipe,
                         "--calib-data", args.calib_data, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                         "--stop-after-blocks", str(args.blocks), "--out", str(ckpt), "--json", str(report), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **extra_env}
     neighbour = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
         time.sleep(2 if busy else 0)  # the neighbour is at work before the run starts
@@ -75,7 +77,7 @@ def run_layout(name: str, args, out_dir: Path, busy: bool) -> dict:
     blocks = sorted((ckpt.with_name(ckpt.name + ".partial")).glob("block_*.safetensors"))
     from llmbin.checkpoint.digests import file_digests
 
-    result = {"layout": name, "processes": processes, "threads": threads, "busy": busy,
+    result = {"layout": name, "processes": processes, "threads": threads, "environment": extra_env, "busy": busy,
               "seconds_per_block": statistics.median(seconds), "block_seconds": seconds, "wall_seconds": wall,
               "peak_rss_mib_rank0": stats.get("peak_rss_mib"),
               "block_digests": [file_digests(b) for b in blocks], "command": " ".join(command)}

@@ -234,3 +234,18 @@ def test_tune_from_the_command_line_records_its_losses_and_options(tiny_model_di
     err = _error_of(capsys, ["quantize", "--model", str(tiny_model_dir), "--method", "pb-llm", "--calib-data",
                              str(text_file), "--out", str(tmp_path / "o"), "--tune", "--tune-steps", "0"])
     assert "--tune-steps" in err
+
+
+@pytest.mark.parametrize("given, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                             ({"GOMP_SPINCOUNT": "300000"}, None)])
+def test_quantize_makes_openmp_threads_wait_passively_unless_told_otherwise(given, expected):
+    # spinning threads made reconstruction 10-50x slower beside a busy process (docs/distributed.md#threads)
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom llmbin.cli import main\nmain(['quantize', '--model', 'm', '--out', 'o'])\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True)
+    assert done.stdout.split() == [str(expected), "False"], done.stderr[-2000:]  # set before torch loads
