@@ -30,12 +30,12 @@ from .algorithms.hessian import add_outer_products
 from .algorithms.incoherence import check_rotatable, layer_rotation
 from .algorithms.layer import quantize_layer
 from .block_tuning import tune_block, tuned_outside_packed
+from .checkpoint.resume import block_tensors, modules_from_tensors
 from .config import QuantConfig
 from .errors import LlmbinError, QuantizationStopped
 from .models import decoder_layers, linear_layers
 from .nn.binary_linear import BinaryLinear
 from .nn.tree import set_submodule
-from .packing.packed_weight import PackedWeight
 from .placement import Placement, tensor_names
 from .registry import method_function
 
@@ -358,18 +358,16 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index,
         packed[name] = BinaryLinear(weight, bias).to(device)
         set_submodule(block, name, packed[name])
         del linear, weight
-    if ranks.distributed:  # every rank installs every layer, sent by its owner, in one order
+    if ranks.distributed:  # every rank installs every layer, sent by its owner as a finished block stores it
         for name in names:
-            layer = packed.get(name)
-            tensors, info = distributed.broadcast(None if layer is None else layer.packed().named_tensors(),
-                                                  None if layer is None else {"meta": layer.layout},
-                                                  owner[name], ranks, device)
-            if layer is None:
-                linear = linears.pop(name)
-                bias = linear.bias.detach().clone() if linear.bias is not None else None
-                packed[name] = BinaryLinear(PackedWeight.from_tensors(tensors, "", info["meta"]), bias).to(device)
+            mine = name in packed
+            tensors, layers = block_tensors({name: packed[name]}) if mine else (None, None)
+            tensors, info = distributed.broadcast(tensors, {"layers": layers} if mine else None, owner[name], ranks,
+                                                  device)
+            if not mine:
+                linears.pop(name)  # the float layer goes as its packed one comes
+                packed[name] = modules_from_tensors(tensors, info["layers"])[name]
                 set_submodule(block, name, packed[name])
-                del linear
     return {name: packed[name] for name in names}
 
 
