@@ -17,12 +17,28 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, X: torch.Tensor) -> tuple
     return H, total
 
 
+SYMMETRIC_BLOCK = 512  # rows of S per product in add_outer_products
+
+
 def add_outer_products(S: torch.Tensor, X: torch.Tensor) -> int:
     """``S += Σ x xᵀ`` over the rows ``x`` of ``X (..., K)``, in ``S``'s dtype; returns the number of rows.
     The driver sums these per chunk of windows and scales the total by ``2/n`` once, so the sum's
-    order is fixed whatever the number of processes."""
+    order is fixed whatever the number of processes.
+
+    ``S`` is symmetric, so only its upper block triangle is computed (bands of
+    :data:`SYMMETRIC_BLOCK` rows) and mirrored: at K = 8960 (Qwen2.5-1.5B's down_proj, the block's
+    costliest Hessian, 2048 rows) 1.59 s against 2.21 s for one full product on the 2-core
+    development machine, the same values there, and exactly symmetric."""
     X = X.reshape(-1, X.shape[-1]).to(S.dtype)
-    S.addmm_(X.t(), X)
+    K = X.shape[1]
+    for i in range(0, K, SYMMETRIC_BLOCK):
+        band = slice(i, min(i + SYMMETRIC_BLOCK, K))
+        S[band, i:].addmm_(X[:, band].t(), X[:, i:])
+    for i in range(0, K, SYMMETRIC_BLOCK):  # the lower triangle, each band's part and the bands left of it
+        band = slice(i, min(i + SYMMETRIC_BLOCK, K))
+        diagonal = S[band, band]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).t())
+        S[band, :i] = S[:i, band].t()
     return X.shape[0]
 
 

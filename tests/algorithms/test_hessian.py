@@ -46,3 +46,16 @@ def test_permute_hessian_equals_indexing_across_row_chunks():
     H = torch.randn(1100, 1100, generator=g)  # more rows than one in-place chunk
     perm = torch.randperm(1100, generator=g)
     assert torch.equal(permute_hessian(H, perm), H[perm][:, perm])
+
+
+@pytest.mark.parametrize("K", [7, 512, 1300])  # within one band, exactly one, and bands with a ragged last one
+def test_outer_products_fill_both_triangles_from_the_upper_bands(K):
+    from llmbin.algorithms.hessian import add_outer_products
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 40, K, dtype=torch.float64, generator=g)
+    S = torch.zeros(K, K, dtype=torch.float64)
+    for batch in X:  # the second call must add to the mirrored lower triangle too
+        assert add_outer_products(S, batch) == 40
+    flat = X.reshape(-1, K)
+    assert torch.allclose(S, flat.T @ flat) and torch.equal(S, S.T)
