@@ -24,7 +24,20 @@ from .version import __version__
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 CALIB_DATA, NSAMPLES, SEQLEN = "wikitext2", 128, 2048  # a bare run's calibration
-FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # config fields are annotated by name
+def _yaml_list(text: str) -> list:
+    """``--layers``: a YAML list (flow style fits one line), read as recipes are."""
+    from .recipes import yaml_value
+
+    try:
+        value = yaml_value(text)
+    except LlmbinError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YAML list; write e.g. '[{{match: mlp.down_proj, planes: 2}}]'")
+    return value
+
+
+FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": _yaml_list}  # config fields are annotated by name
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,7 +82,8 @@ def method_option_table() -> dict[str, tuple[str, dict[str, object]]]:
     table: dict[str, tuple[str, dict[str, object]]] = {}
     for cls in method_configs():
         for field in dataclasses.fields(cls):
-            table.setdefault(field.name, (field.type, {}))[1][cls.method] = field.default
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            table.setdefault(field.name, (field.type, {}))[1][cls.method] = default
     return table
 
 

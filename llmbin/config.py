@@ -8,14 +8,17 @@ function, each configured once here: incoherence processing (``rotate``), the sc
 (``recipes/``), not a class."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
 from .errors import LlmbinError
 
 ROTATE_CHOICES = ("none", "input", "both")
 TUNE_FIELDS = ("tune", "tune_steps", "tune_batch", "tune_lr")
-LATER_OPTIONS = ("planes",)  # added after checkpoints were written: at their default they record nothing
+LATER_OPTIONS = ("planes", "layers")  # added after checkpoints were written: at their default they record nothing
+# Options a layer rule may not set: the method is the run's, and the stages after the layer-wise pass are per block or model.
+NOT_PER_LAYER = ("layers", "tune", "tune_steps", "tune_batch", "tune_lr", "distill", "distill_epochs", "distill_lr")
 
 
 @dataclass
@@ -33,9 +36,14 @@ class QuantConfig:
     distill: bool = False  # stage: tune scales and norms against the float model's outputs (llmbin.distill)
     distill_epochs: int = 1
     distill_lr: float = 1e-4
+    # Per-layer rules: [{"match": REGEX, option: value, ...}, ...]. A linear whose module name (e.g.
+    # model.layers.3.mlp.down_proj) contains a match of its regex (re.search) takes the first such rule's options.
+    layers: list = field(default_factory=list)
 
     def validate(self) -> None:
         check_field_types(self)
+        for number, rule in enumerate(self.layers, 1):
+            self._rule_config(number, rule)
         if self.rotate not in ROTATE_CHOICES:
             raise LlmbinError(f"--rotate must be one of {', '.join(ROTATE_CHOICES)}, got {self.rotate!r}")
         if not 0 < self.percdamp < 10:
@@ -58,9 +66,54 @@ class QuantConfig:
             for name in TUNE_FIELDS:
                 del data[name]
         for f in fields(self):
-            if f.name in LATER_OPTIONS and data[f.name] == f.default:
+            if f.name in LATER_OPTIONS and data[f.name] == (f.default_factory() if f.default is MISSING else f.default):
                 del data[f.name]
         return data
+
+    def _rule_config(self, number: int, rule) -> "QuantConfig":
+        """The config of the layers rule ``number`` (1-based) selects, checked: a mistake names the rule."""
+        where = f"layers rule {number}"
+        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
+            raise LlmbinError(f"{where} must be a mapping with a 'match' regex and options, e.g. "
+                              f"{{match: mlp.down_proj, planes: 2}}; got {rule!r}")
+        try:
+            re.compile(rule["match"])
+        except re.error as exc:
+            raise LlmbinError(f"{where}: match {rule['match']!r} is not a regular expression ({exc})") from None
+        options = {k: v for k, v in rule.items() if k != "match"}
+        names = config_fields(type(self))
+        fixed = sorted(k for k in options if k in NOT_PER_LAYER or k == "method")
+        if fixed:
+            raise LlmbinError(f"{where} sets {', '.join(fixed)}, which apply to the whole run, not one layer; "
+                              "set them outside the rules")
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            per_layer = ", ".join(n for n in names if n not in NOT_PER_LAYER)
+            raise LlmbinError(f"{where} sets unknown option(s) for {self.method}: {', '.join(unknown)}; valid: {per_layer}")
+        config = replace(self, layers=[], **options)
+        try:
+            config.validate()
+        except LlmbinError as exc:
+            raise LlmbinError(f"{where} (match {rule['match']!r}): {exc}") from None
+        return config
+
+    def layer_configs(self, names: list[str]) -> dict[str, "QuantConfig"]:
+        """Each linear's config, by module name: the first rule whose ``match`` is found in the name
+        sets its options; a layer no rule matches keeps these. A rule that matches no layer is a
+        mistake (a typo would silently quantize every layer alike) and is refused by name."""
+        rules = [(re.compile(rule["match"]), self._rule_config(number, rule))
+                 for number, rule in enumerate(self.layers, 1)]
+        chosen, used = {}, set()
+        for name in names:
+            number = next((i for i, (pattern, _) in enumerate(rules) if pattern.search(name)), None)
+            chosen[name] = self if number is None else rules[number][1]
+            used.add(number)
+        for number, rule in enumerate(self.layers):
+            if number not in used:
+                example = names[0] if names else "none"
+                raise LlmbinError(f"layers rule {number + 1} (match {rule['match']!r}) matches no linear layer, so it "
+                                  f"would do nothing; the layers are named like {example}")
+        return chosen
 
     def wants_refit(self) -> bool:
         """Whether the layer pipeline refits the scales after the method's fit (``algorithms.layer``)."""
@@ -99,7 +152,8 @@ class PBLLMConfig(QuantConfig):
 
 
 _KINDS = {"bool": ((bool,), "true or false"), "int": ((int,), "an integer"),
-          "float": ((int, float), "a number"), "str": ((str,), "a string")}
+          "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "list": ((list,), "a list of rules, e.g. [{match: mlp.down_proj, planes: 2}]")}
 
 
 def check_field_types(config: QuantConfig) -> None:
@@ -280,4 +334,6 @@ OPTION_HELP = {
     "refine_iters": "alternating refinement rounds of the scales and sign planes (0: the closed form only)",
     "max_salient_columns": "the salient column count is searched in [1, this] per block",
     "split_points": "break-point candidates: this many quantiles of |w| from 10 % to 90 %",
+    "layers": "per-layer rules, a YAML list such as '[{match: mlp.down_proj, planes: 2}]': a linear whose module "
+              "name contains a match of a rule's regex takes the first such rule's options",
 }

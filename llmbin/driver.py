@@ -155,15 +155,17 @@ def quantize_blocks(
     ``capture_seconds``, ``block_seconds`` (block index -> seconds, newly quantized blocks only)
     and, when tuning, ``tune`` (block index -> ``block_tuning.tune_block``'s report).
     """
-    method = method_function(config)
     ranks = distributed.current()
     if ranks.distributed and config.tune:
         raise LlmbinError("--tune runs in one process for now; launch without torchrun, or quantize without --tune")
     placement = Placement(device, weights)
     blocks = decoder_layers(model)
     prefix = module_name(model, blocks)
-    check_rotatable(config, {f"{prefix}.{index}.{name}": tuple(linear.weight.shape)
-                             for index, block in enumerate(blocks) for name, linear in linear_layers(block).items()})
+    shapes = {f"{prefix}.{index}.{name}": tuple(linear.weight.shape)
+              for index, block in enumerate(blocks) for name, linear in linear_layers(block).items()}
+    configs = config.layer_configs(list(shapes))  # the layers rules, each checked to match some layer
+    for chosen in {id(c): c for c in configs.values()}.values():
+        check_rotatable(chosen, {n: shape for n, shape in shapes.items() if configs[n] is chosen})
     dtype = float_dtype(model)
     done = done or {}
     stats = {} if stats is None else stats
@@ -198,8 +200,9 @@ def quantize_blocks(
                 _install(block, done[index], placement.device)
             else:
                 bar.set_postfix_str("collecting Hessians")
-                finished: BlockState = _quantize_block(block, store, kwargs, method, config, placement.device, dtype,
-                                                       index, chunks, len(all_chunks), ranks)
+                block_configs = {n: configs[f"{name}.{n}"] for n in linear_layers(block)}
+                finished: BlockState = _quantize_block(block, store, kwargs, block_configs.__getitem__, placement.device,
+                                                       dtype, index, chunks, len(all_chunks), ranks)
                 if targets is not None:
                     bar.set_postfix_str("tuning")
                     stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
@@ -325,10 +328,11 @@ def _layer_cost(linear: nn.Linear) -> float:
     return float(linear.out_features) * linear.in_features ** 2 + float(linear.in_features) ** 3
 
 
-def _quantize_block(block, store, kwargs, method, config, device, dtype, index,
+def _quantize_block(block, store, kwargs, layer_config: Callable[[str], QuantConfig], device, dtype, index,
                     chunks: list[tuple[int, list[int]]] | None = None, total_chunks: int | None = None,
                     ranks: distributed.Ranks = distributed.SINGLE) -> dict[str, BinaryLinear]:
-    """Quantize ``block``'s linears in place from the windows in ``store``. ``chunks`` lists this rank's
+    """Quantize ``block``'s linears in place from the windows in ``store``, each with the config
+    ``layer_config`` gives for its name in the block (``QuantConfig.layer_configs``). ``chunks`` lists this rank's
     chunks of the ``total_chunks`` as (chunk index, slots in ``store``); by default, one process's
     chunks of all the windows in ``store``."""
     linears = linear_layers(block)
@@ -352,7 +356,9 @@ def _quantize_block(block, store, kwargs, method, config, device, dtype, index,
         linear = linears.pop(name)
         # the Hessian is handed over, not kept here: rotated, its original is freed while the method runs
         # (one K × K matrix fewer at the block's peak, 321 MB for Qwen2.5-1.5B's down_proj, 3.3 GB for 70B's)
-        weight = quantize_layer(method, linear.weight.detach(), _finite_hessian(hessians, name, linear.in_features, mine, index),
+        config = layer_config(name)
+        weight = quantize_layer(method_function(config), linear.weight.detach(),
+                                _finite_hessian(hessians, name, linear.in_features, mine, index),
                                 config, layer_rotation(config, f"{index}.{name}"))
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         packed[name] = BinaryLinear(weight, bias).to(device)

@@ -78,6 +78,16 @@ def read_recipe(recipe: str | os.PathLike) -> dict:
     return data
 
 
+def yaml_value(text: str):
+    """One YAML value (e.g. a command line's ``[{match: mlp.down_proj, planes: 2}]``), read as recipes are."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_recipe_loader())
+    except yaml.YAMLError as exc:
+        raise LlmbinError(f"{text!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def _recipe_loader():
     """PyYAML's safe loader, with YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-2`` (no
     dot) is a string, so ``percdamp: 1e-2`` was refused as if it had been quoted."""
