@@ -52,7 +52,10 @@ def method_family(config: dict) -> str:
     """The method a run's recorded config is: ARB-X is BiLLM with alternating refinement (its recipe
     sets ``refine_iters``), and older records still name it ``arb-x``."""
     method = config["method"]
-    return "arb-x" if method == "billm" and config.get("refine_iters", 0) > 0 else method
+    family = "arb-x" if method == "billm" and config.get("refine_iters", 0) > 0 else method
+    if method == "db-llm" and config.get("planes", 2) != 2:  # 2 planes is FDB; one is a sign code
+        family += f" {config['planes']}-plane"
+    return family + (" mix" if config.get("layers") else "")  # per-layer rules: a line of its own
 NO_ORDER_SEARCH = " (no order search)"
 
 
