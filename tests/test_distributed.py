@@ -60,13 +60,35 @@ def test_any_world_size_writes_the_one_process_checkpoint(model_dir, text_file, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # rank 0 alone wrote, and cleaned up
 
 
-def test_a_rotated_grouped_method_is_the_same_in_two_processes(model_dir, text_file, tmp_path):
-    # rotations and group terms travel in the layer's description, not in its tensors
+def test_a_rotated_grouped_mix_is_the_same_in_two_processes(model_dir, text_file, tmp_path):
+    # rotations, group terms and per-layer plane counts travel in each layer's description, not in its tensors
     one, two = tmp_path / "one", tmp_path / "two"
     for world, out in ((1, one), (2, two)):
-        done = _run(world, model_dir, text_file, out, "--rotate", "input", method="db-llm")
+        done = _run(world, model_dir, text_file, out, "--rotate", "input", "--planes", "1", "--group-size", "16",
+                    "--layers", "[{match: mlp.down_proj, planes: 2, group_size: 0}]", method="db-llm")
         assert done.returncode == 0, done.stderr[-3000:]
     _same_checkpoint(one, two)
+
+
+def test_two_machines_write_the_one_process_checkpoint(model_dir, text_file, tmp_path, one_process):
+    # two "nodes" of one process each (torchrun --nnodes 2, static rendezvous on this machine): the
+    # second's process is LOCAL_RANK 0 but not rank 0, so it must neither write nor claim the output
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ckpt"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+         "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "llmbin", "quantize", "--model",
+         str(model_dir), "--method", "pb-llm", "--calib-data", str(text_file), "--nsamples", "12", "--seqlen", "32",
+         "--out", str(out), "--no-progress"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    results = [(node.communicate(timeout=600), node.returncode) for node in nodes]
+    assert all(code == 0 for _, code in results), [err[-3000:] for (_, err), _ in results]
+    _same_checkpoint(out, one_process)
+    assert "wrote" in results[0][0][0] and "wrote" not in results[1][0][0]  # rank 1 reported nothing of its own
 
 
 def test_a_run_stopped_in_one_process_resumes_in_two_to_the_same_checkpoint(model_dir, text_file, tmp_path,
