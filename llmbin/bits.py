@@ -9,18 +9,31 @@ from .nn.binary_linear import BinaryLinear
 
 
 def bit_report(model: torch.nn.Module) -> dict:
-    """Bits per weight of the packed linear layers, every plane, scale, salient value and position counted."""
+    """Bits per weight of the packed linear layers, every plane, scale, salient value and position
+    counted; ``by_layer`` splits them by the layer's name within its block (``mlp.down_proj``), so a
+    mix of per-layer options shows where its bits go."""
     weights = bits = 0
-    for module in model.modules():
+    by_layer: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
         if isinstance(module, BinaryLinear):
-            weights += module.in_features * module.out_features
-            bits += module.packed().storage_bits()
+            count, stored = module.in_features * module.out_features, module.packed().storage_bits()
+            weights, bits = weights + count, bits + stored
+            kind = by_layer.setdefault(_within_block(name), [0, 0])
+            kind[0], kind[1] = kind[0] + count, kind[1] + stored
     return {
         "quantized_weights": weights,
         "quantized_bits": bits,
         "bits_per_weight": bits / weights if weights else None,
+        "by_layer": {k: {"weights": n, "bits_per_weight": b / n} for k, (n, b) in by_layer.items()},
         "fp16_bytes": 2 * sum(p.numel() for p in _unique_float_tensors(model)) + 2 * weights,
     }
+
+
+def _within_block(name: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``: the name after the last block index."""
+    parts = name.split(".")
+    index = max((i for i, part in enumerate(parts) if part.isdigit()), default=-1)
+    return ".".join(parts[index + 1:]) or name
 
 
 def _unique_float_tensors(model):

@@ -355,7 +355,8 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         return None
     seconds = time.perf_counter() - start
     bits = bit_report(model)
-    report.update({"bits_per_weight": bits["bits_per_weight"], "disk_bytes": directory_bytes(out),
+    report.update({"bits_per_weight": bits["bits_per_weight"], "bits_by_layer": bits["by_layer"],
+                   "disk_bytes": directory_bytes(out),
                    "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()})
     print(f"wrote {out}: {bits['bits_per_weight']:.3f} bits/weight in the quantized layers, "
           f"{report['disk_bytes'] / 2**20:.1f} MiB on disk (fp16: {bits['fp16_bytes'] / 2**20:.1f} MiB), "

@@ -67,7 +67,12 @@ def test_a_mixed_model_quantizes_each_layer_as_its_rule_says_and_loads_to_the_sa
     assert sum(p == 1 for p in planes.values()) == 10
     one = bit_report(llmbin.quantize(tiny_model(), DBLLMConfig(planes=1, group_size=16), CALIB, progress=False))
     two = bit_report(llmbin.quantize(tiny_model(), DBLLMConfig(planes=2, group_size=16), CALIB, progress=False))
-    assert one["bits_per_weight"] < bit_report(model)["bits_per_weight"] < two["bits_per_weight"]
+    mixed = bit_report(model)
+    assert one["bits_per_weight"] < mixed["bits_per_weight"] < two["bits_per_weight"]
+    by_layer = {name: kind["bits_per_weight"] for name, kind in mixed["by_layer"].items()}
+    assert by_layer["mlp.down_proj"] == two["by_layer"]["mlp.down_proj"]["bits_per_weight"]  # a rule's layers cost
+    assert by_layer["mlp.gate_proj"] == one["by_layer"]["mlp.gate_proj"]["bits_per_weight"]  # what a uniform run's do
+    assert sum(kind["weights"] for kind in mixed["by_layer"].values()) == mixed["quantized_weights"]
 
     llmbin.save(model, None, tmp_path / "mixed")
     loaded = llmbin.load(tmp_path / "mixed")
