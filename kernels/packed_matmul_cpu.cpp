@@ -851,6 +851,8 @@ std::vector<std::string> available_isas() {
 }  // namespace
 
 void half_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool simd);  // half_matvec_cpu.cpp
+void table_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits, int64_t group,
+                  at::Tensor& out, bool simd);  // table_matvec_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for any leading shape and float dtype (small batches)");
@@ -860,4 +862,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan_fields", &plan_fields, "the KernelPlan fields the entry points take: (tensor names, integer names)");
   m.def("half_linear", &half_linear, "out (B, N) = x (B, K) fp32 @ w (N, K) bf16/fp16, widened exactly",
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("simd") = true);
+  m.def("table_linear", &table_linear, "out (B, N) = x (B, K) fp32 @ an 8- or 4-bit table with fp16 group scales",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("bits"), py::arg("group"), py::arg("out"),
+        py::arg("simd") = true);
 }

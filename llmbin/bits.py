@@ -1,4 +1,4 @@
-"""Bit accounting: the true storage cost of the quantized linear layers."""
+"""Bit accounting: the true storage cost of the quantized linear layers (and of quantized tables)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .nn.binary_linear import BinaryLinear
+from .nn.table_weights import TableModule, table_modules
 
 
 def bit_report(model: torch.nn.Module) -> dict:
@@ -20,12 +21,23 @@ def bit_report(model: torch.nn.Module) -> dict:
             weights, bits = weights + count, bits + stored
             kind = by_layer.setdefault(_within_block(name), [0, 0])
             kind[0], kind[1] = kind[0] + count, kind[1] + stored
+    tables, table_weights = {}, 0
+    for name, module in table_modules(model).items():
+        if any(t["weight"] is module.weight for t in tables.values()):
+            continue  # a tied output matrix: the embedding's table
+        table = module.table()
+        count = table.shape[0] * table.shape[1]
+        tables[name] = {"weight": module.weight, "bits": table.bits, "group_size": table.group_size,
+                        "bits_per_weight": table.storage_bits() / count}
+        table_weights += count
     return {
         "quantized_weights": weights,
         "quantized_bits": bits,
         "bits_per_weight": bits / weights if weights else None,
         "by_layer": {k: {"weights": n, "bits_per_weight": b / n} for k, (n, b) in by_layer.items()},
-        "fp16_bytes": 2 * sum(p.numel() for p in _unique_float_tensors(model)) + 2 * weights,
+        # the embedding and output matrix when stored as quantized tables (--embedding-bits)
+        "tables": {name: {k: v for k, v in t.items() if k != "weight"} for name, t in tables.items()},
+        "fp16_bytes": 2 * sum(p.numel() for p in _unique_float_tensors(model)) + 2 * (weights + table_weights),
     }
 
 
@@ -39,7 +51,7 @@ def _within_block(name: str) -> str:
 def _unique_float_tensors(model):
     seen = set()
     for module in model.modules():
-        if isinstance(module, BinaryLinear):
+        if isinstance(module, (BinaryLinear, TableModule)):
             continue
         for p in module.parameters(recurse=False):
             if id(p) not in seen and p.is_floating_point():

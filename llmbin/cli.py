@@ -355,7 +355,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
         return None
     seconds = time.perf_counter() - start
     bits = bit_report(model)
-    report.update({"bits_per_weight": bits["bits_per_weight"], "bits_by_layer": bits["by_layer"],
+    report.update({"bits_per_weight": bits["bits_per_weight"], "bits_by_layer": bits["by_layer"], "tables": bits["tables"],
                    "disk_bytes": directory_bytes(out),
                    "fp16_bytes": bits["fp16_bytes"], "quantize_seconds": seconds, "peak_rss_mib": _peak_rss_mib()})
     print(f"wrote {out}: {bits['bits_per_weight']:.3f} bits/weight in the quantized layers, "

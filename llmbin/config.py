@@ -16,9 +16,11 @@ from .errors import LlmbinError
 
 ROTATE_CHOICES = ("none", "input", "both")
 TUNE_FIELDS = ("tune", "tune_steps", "tune_batch", "tune_lr")
-LATER_OPTIONS = ("planes", "layers")  # added after checkpoints were written: at their default they record nothing
+LATER_OPTIONS = ("planes", "layers", "embedding_bits", "embedding_group_size")  # added after checkpoints were written: at their default they record nothing
 # Options a layer rule may not set: the method is the run's, and the stages after the layer-wise pass are per block or model.
-NOT_PER_LAYER = ("layers", "tune", "tune_steps", "tune_batch", "tune_lr", "distill", "distill_epochs", "distill_lr")
+NOT_PER_LAYER = ("layers", "tune", "tune_steps", "tune_batch", "tune_lr", "distill", "distill_epochs", "distill_lr",
+                 "embedding_bits", "embedding_group_size")
+EMBEDDING_BITS = (16, 8, 4)
 
 
 @dataclass
@@ -39,9 +41,17 @@ class QuantConfig:
     # Per-layer rules: [{"match": REGEX, option: value, ...}, ...]. A linear whose module name (e.g.
     # model.layers.3.mlp.down_proj) contains a match of its regex (re.search) takes the first such rule's options.
     layers: list = field(default_factory=list)
+    # The token embedding and the output matrix (lm_head): 16 keeps them in fp16; 8 or 4 stores them
+    # as quantized tables with one fp16 scale per embedding_group_size columns (llmbin.packing.table).
+    embedding_bits: int = 16
+    embedding_group_size: int = 64
 
     def validate(self) -> None:
         check_field_types(self)
+        if self.embedding_bits not in EMBEDDING_BITS:
+            raise LlmbinError(f"--embedding-bits must be 16, 8 or 4, got {self.embedding_bits}")
+        if self.embedding_group_size < 2 or self.embedding_group_size % 2:
+            raise LlmbinError(f"--embedding-group-size must be an even number of columns, got {self.embedding_group_size}")
         for number, rule in enumerate(self.layers, 1):
             self._rule_config(number, rule)
         if self.rotate not in ROTATE_CHOICES:
@@ -307,7 +317,7 @@ def config_from_dict(data: dict) -> QuantConfig:
 # option and their defaults, read from the classes above), keyed by field name so that a field can
 # move between classes without its help. tests/test_cli_help.py checks that every field has one.
 SALIENT_METRICS = ("hessian", "magnitude")
-OPTION_CHOICES = {"rotate": ROTATE_CHOICES, "salient_metric": SALIENT_METRICS}
+OPTION_CHOICES = {"rotate": ROTATE_CHOICES, "salient_metric": SALIENT_METRICS, "embedding_bits": EMBEDDING_BITS}
 OPTION_HELP = {
     "percdamp": "GPTQ damping: this fraction of the Hessian's mean diagonal is added to its diagonal",
     "blocksize": "GPTQ columns quantized per lazy-update block",
@@ -334,6 +344,9 @@ OPTION_HELP = {
     "refine_iters": "alternating refinement rounds of the scales and sign planes (0: the closed form only)",
     "max_salient_columns": "the salient column count is searched in [1, this] per block",
     "split_points": "break-point candidates: this many quantiles of |w| from 10 % to 90 %",
+    "embedding_bits": "the token embedding and the output matrix (lm_head): 16 keeps them in fp16, 8 or 4 stores "
+                      "them as integer codes with fp16 group scales",
+    "embedding_group_size": "with --embedding-bits 8 or 4: columns that share one scale",
     "layers": "per-layer rules, a YAML list such as '[{match: mlp.down_proj, planes: 2}]': a linear whose module "
               "name contains a match of a rule's regex takes the first such rule's options",
 }

@@ -24,7 +24,8 @@ from .driver import float_dtype, module_name, quantize_blocks
 from .errors import LlmbinError, check_positions, check_token_ids
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
-from .packing.packed_weight import FORMAT_VERSION
+from .nn.table_weights import quantize_tables, table_modules
+from .packing.packed_weight import FORMAT_VERSION, TABLE_VERSION
 from .version import __version__
 
 
@@ -32,6 +33,11 @@ def run_options(config: QuantConfig, calibration_info: dict | None) -> dict:
     """The part of a run's resume fingerprint known before the model loads."""
     return {"config": config.to_dict(), "calibration": calibration_info or {}, "llmbin_version": __version__,
             "format_version": FORMAT_VERSION}
+
+
+def format_version(model: torch.nn.Module) -> int:
+    """The lowest format version that describes ``model``'s checkpoint: tables need version 6."""
+    return TABLE_VERSION if table_modules(model) else FORMAT_VERSION
 
 
 def resume_note(done: int, total: int, work_dir: str | os.PathLike) -> str:
@@ -163,10 +169,12 @@ def quantize(
     if teacher is not None:
         distill_report = distillation_stage(model, teacher, calibration, config, device=device, progress=progress)
         del teacher
+    if config.embedding_bits != 16:  # from the float values: the tables' codes are what is stored
+        quantize_tables(model, config.embedding_bits, config.embedding_group_size, weights)
     round_to_storage(model)
     serve_half_weights(model, STORAGE_DTYPE)  # as load() does, so the two compute alike
     mark_quantized(model, {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(model),
         "llmbin_version": __version__,
         **config.to_dict(),
         "calibration": calibration_info or {"nsamples": calibration.shape[0], "seqlen": calibration.shape[1]},

@@ -34,8 +34,10 @@ from ..dtypes import auto_dtype
 from ..errors import LlmbinError
 from ..nn.binary_linear import BinaryLinear
 from ..nn.half_weights import half_weight_skeleton
+from ..nn.table_weights import table_modules, table_skeleton, tie_tables
 from ..nn.tree import set_submodule
 from ..packing.packed_weight import FORMAT_VERSION, PackedWeight
+from ..packing.table import TABLE_KIND
 from .shards import SAFETENSORS_INDEX, shard_files
 from .tensors import STORAGE_DTYPE, as_stored, check_version, file_header, file_metadata
 
@@ -98,7 +100,13 @@ class LlmbinHfQuantizer(HfQuantizer):
             module, _, tensor = key.rpartition(".")
             by_module.setdefault(module, {})[tensor] = value
         for name, layout in layers.items():
-            set_submodule(model, name, _empty_binary_linear(model, name, layout, by_module.get(name, {}), dtype))
+            if layout.get("kind") != TABLE_KIND:
+                set_submodule(model, name, _empty_binary_linear(model, name, layout, by_module.get(name, {}), dtype))
+        try:
+            table_skeleton(model, layers, shapes, dtype)
+        except ValueError as exc:
+            raise LlmbinError(f"checkpoint {Path(checkpoint_files[0]).parent} has a damaged table ({exc}); "
+                              "re-create the checkpoint") from None
         _check_keys(model, shapes, Path(checkpoint_files[0]).parent)
         if dtype == torch.float32 and self._host_only:
             stored_half = {k for k, v in shapes.items() if v.dtype == STORAGE_DTYPE}
@@ -106,6 +114,7 @@ class LlmbinHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        tie_tables(model)
         for name, module in model.named_modules():
             if isinstance(module, BinaryLinear) and not module.weight.is_meta:
                 try:  # the header's shapes were checked before loading; this checks what the salient stream decodes to
@@ -117,8 +126,7 @@ class LlmbinHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """What ``save_pretrained`` writes: floats in the storage dtype, every shard describing the packed layers."""
         state = {k: v if v.is_meta else as_stored(v) for k, v in model.state_dict().items()}
-        layers = {name: m.layout for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-        metadata = file_metadata(layers, _DigestView(model, state))
+        metadata = file_metadata(described_layouts(model), _DigestView(model, state))
         metadata.pop("format")  # transformers sets it
         return state, metadata
 
@@ -146,6 +154,18 @@ class LlmbinHfQuantizer(HfQuantizer):
         # Packed and 16-bit layers run as torch.library operators with fake implementations, so
         # torch.compile traces them whole (generate's compiled decode step with a static cache).
         return True
+
+
+def described_layouts(model: nn.Module) -> dict[str, dict]:
+    """What the files' headers describe: each packed layer's layout and each quantized table's
+    (a tied output matrix is the embedding's table, stored and described once)."""
+    layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    seen = set()
+    for name, module in table_modules(model).items():
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            layouts[name] = module.layout
+    return layouts
 
 
 class _DigestView(dict):

@@ -22,7 +22,7 @@ from ..errors import LlmbinError, missing_path
 from ..nn.binary_linear import BinaryLinear
 from .digests import bytes_digest
 from .folder import remove_stale_temporaries, temporary_dir, write_error
-from .hf_quantizer import QUANT_METHOD
+from .hf_quantizer import QUANT_METHOD, described_layouts
 from .shards import (
     MAX_SHARD_BYTES,
     SAFETENSORS_FILE,
@@ -83,8 +83,7 @@ def save(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                     raise LlmbinError(f"{key} has no weights to save (it is on the meta device); pass its sources") from None
             return stored_checked(key, value)
 
-        write_sharded(tmp, shapes, fetch, {name: m.layout for name, m in binary_modules(model).items()},
-                      max_shard_bytes, progress)
+        write_sharded(tmp, shapes, fetch, described_layouts(model), max_shard_bytes, progress)
         model.config.dtype = STORAGE_DTYPE  # what its floats are stored in, as save_pretrained records it
         if tokenizer is not None:  # first, so that config.json records the digests of the files it wrote
             record_tokenizer_digests(model.config, tmp, tokenizer.save_pretrained(tmp))

@@ -32,7 +32,9 @@ from ..packing.packed_weight import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
     STORAGE_DTYPE,
+    TABLE_VERSION,
 )
+from ..packing.table import TABLE_KIND
 from .digests import (
     ALGORITHM,
     DIGEST_CHARS,
@@ -113,7 +115,9 @@ def file_metadata(layers: dict[str, dict], tensors: Mapping[str, torch.Tensor]) 
 def _metadata(layers: dict[str, dict], digests: Mapping[str, str]) -> dict[str, str]:
     described = json.dumps(layers, sort_keys=True)
     digests = {**digests, LAYERS_DIGEST: text_digest(described)}
-    return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(FORMAT_VERSION), "layers": described,
+    # the lowest version that describes the file: version-5 readers keep reading files without tables
+    version = TABLE_VERSION if any(layout.get("kind") == TABLE_KIND for layout in layers.values()) else FORMAT_VERSION
+    return {"format": "pt", FORMAT_KEY: FORMAT_NAME, "format_version": str(version), "layers": described,
             "digest_algorithm": ALGORITHM, DIGESTS_KEY: json.dumps(digests, sort_keys=True)}
 
 

@@ -45,7 +45,10 @@ from .rotation import LayerRotation
 FORMAT_VERSION = 5
 # 4 = 3 plus the optional ``rotation``: a version-3 reader must refuse it, not ignore it.
 # 5 = 4 plus the files' tensor digests (``storage``), which a version-5 reader requires.
-READABLE_VERSIONS = (3, 4, 5)
+# 6 = 5 plus quantized tables (``packing.table``): written only by checkpoints that have one, so
+# that every other checkpoint stays readable by version-5 readers.
+TABLE_VERSION = 6
+READABLE_VERSIONS = (3, 4, 5, 6)
 STORAGE_DTYPE = torch.float16  # every float tensor a checkpoint stores (scales, means, embeddings, norms)
 PLANES_NAME = "weight"  # the stored name of the sign planes (see the module docstring)
 

@@ -112,3 +112,26 @@ def test_one_token_attention_equals_transformers_sdpa(mask_kind):
     theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (2, 1, 6, 16)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_decode_serves_quantized_tables_as_the_reference_does(bits, monkeypatch):
+    from llmbin.nn.table_weights import TableEmbedding, TableLinear
+
+    calibration = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    config = llmbin.make_config("rtn-sign", embedding_bits=bits, embedding_group_size=16)
+    model = llmbin.quantize(tiny_model(), config, calibration, progress=False).eval()
+    assert isinstance(model.lm_head, TableLinear) and isinstance(model.get_input_embeddings(), TableEmbedding)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("LLMBIN_KERNEL", "reference")  # the tables decoded in bands, torch's GEMM
+    reference = _generate(model, ids)
+    monkeypatch.setenv("LLMBIN_KERNEL", "exact")
+    torch._dynamo.reset()
+    llmbin.prepare_decode(model, fullgraph=True)  # the table operator stays in the graph
+    try:
+        fast = _generate(model, ids)
+    finally:
+        model.generation_config.compile_config = None
+        torch._dynamo.reset()
+    assert torch.equal(fast, reference)
