@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..errors import LlmbinError
 from ..kernels.dispatch import kernel_path
 from ..kernels.table import table_linear
 from ..packing.table import TABLE_KIND, QuantTable
@@ -97,7 +98,10 @@ def quantize_tables(model: nn.Module, bits: int, group_size: int,
         replaced[id(embedding.weight)] = module = TableEmbedding(table, embedding.padding_idx, _float_dtype(model))
         set_submodule(model, names[id(embedding)], module)
         count += 1
-    if isinstance(head, nn.Linear) and type(head) is nn.Linear:
+    if head is not None and type(head) is not nn.Linear and id(getattr(head, "weight", None)) in replaced:
+        raise LlmbinError(f"the output matrix ({type(head).__name__}) is tied to the embedding but is not a plain "
+                          "linear layer, so it cannot serve the embedding's table; use --embedding-bits 16")
+    if type(head) is nn.Linear:
         shared = replaced.get(id(head.weight))
         bias = None if head.bias is None else head.bias.detach()
         layer = TableLinear(table_of(head), bias)

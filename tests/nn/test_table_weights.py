@@ -86,3 +86,18 @@ def test_a_streamed_model_writes_the_tables_its_whole_load_writes(tiny_sharded_d
     quantize_and_save(open_model(str(tiny_sharded_dir), whole=True), config, CALIB, tmp_path / "whole", progress=False)
     _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole")
     assert _stored(tmp_path / "streamed")[0]["model.embed_tokens.weight"].dtype == torch.uint8
+
+
+def test_a_tied_output_matrix_that_cannot_serve_a_table_is_refused():
+    from llmbin.nn.table_weights import quantize_tables
+
+    class Head(torch.nn.Module):  # tied, but not a plain linear layer
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+    model = tiny_model()
+    model.lm_head = Head(model.get_input_embeddings().weight)
+    with pytest.raises(LlmbinError, match=r"the output matrix \(Head\) is tied to the embedding but is not a plain "
+                                          "linear layer"):
+        quantize_tables(model, 8, 16)
