@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .nn.binary_linear import BinaryLinear
-from .nn.table_weights import TableModule, table_modules
+from .nn.table_weights import TableModule, stored_tables
 
 
 def bit_report(model: torch.nn.Module) -> dict:
@@ -22,13 +22,10 @@ def bit_report(model: torch.nn.Module) -> dict:
             kind = by_layer.setdefault(_within_block(name), [0, 0])
             kind[0], kind[1] = kind[0] + count, kind[1] + stored
     tables, table_weights = {}, 0
-    for name, module in table_modules(model).items():
-        if any(t["weight"] is module.weight for t in tables.values()):
-            continue  # a tied output matrix: the embedding's table
+    for name, module in stored_tables(model).items():  # a tied output matrix is the embedding's table
         table = module.table()
         count = table.shape[0] * table.shape[1]
-        tables[name] = {"weight": module.weight, "bits": table.bits, "group_size": table.group_size,
-                        "bits_per_weight": table.storage_bits() / count}
+        tables[name] = {"bits": table.bits, "group_size": table.group_size, "bits_per_weight": table.storage_bits() / count}
         table_weights += count
     return {
         "quantized_weights": weights,
@@ -36,7 +33,7 @@ def bit_report(model: torch.nn.Module) -> dict:
         "bits_per_weight": bits / weights if weights else None,
         "by_layer": {k: {"weights": n, "bits_per_weight": b / n} for k, (n, b) in by_layer.items()},
         # the embedding and output matrix when stored as quantized tables (--embedding-bits)
-        "tables": {name: {k: v for k, v in t.items() if k != "weight"} for name, t in tables.items()},
+        "tables": tables,
         "fp16_bytes": 2 * sum(p.numel() for p in _unique_float_tensors(model)) + 2 * (weights + table_weights),
     }
 

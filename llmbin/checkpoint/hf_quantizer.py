@@ -34,7 +34,7 @@ from ..dtypes import auto_dtype
 from ..errors import LlmbinError
 from ..nn.binary_linear import BinaryLinear
 from ..nn.half_weights import half_weight_skeleton
-from ..nn.table_weights import table_modules, table_skeleton, tie_tables
+from ..nn.table_weights import stored_tables, table_skeleton, tie_tables
 from ..nn.tree import set_submodule
 from ..packing.packed_weight import FORMAT_VERSION, PackedWeight
 from ..packing.table import TABLE_KIND
@@ -160,12 +160,7 @@ def described_layouts(model: nn.Module) -> dict[str, dict]:
     """What the files' headers describe: each packed layer's layout and each quantized table's
     (a tied output matrix is the embedding's table, stored and described once)."""
     layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-    seen = set()
-    for name, module in table_modules(model).items():
-        if id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            layouts[name] = module.layout
-    return layouts
+    return {**layouts, **{name: m.layout for name, m in stored_tables(model).items()}}
 
 
 class _DigestView(dict):

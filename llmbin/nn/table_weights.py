@@ -72,6 +72,17 @@ def table_modules(model: nn.Module) -> dict[str, TableModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TableModule)}
 
 
+def stored_tables(model: nn.Module) -> dict[str, TableModule]:
+    """The table modules whose tables the checkpoint stores: a tied output matrix serves the
+    embedding's table, which is stored (and described) once, under the embedding's name."""
+    seen, out = set(), {}
+    for name, module in table_modules(model).items():
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            out[name] = module
+    return out
+
+
 @torch.no_grad()
 def quantize_tables(model: nn.Module, bits: int, group_size: int,
                     weights: Mapping[str, torch.Tensor] | None = None) -> int:
