@@ -412,7 +412,7 @@ def cmd_eval(args) -> dict:
     device_map = _device_map(args.device_map)  # options first, then files, then the model
     check_device(args.device)
     check_json_target(args.json)
-    check_json_target(args.cache, "--cache")  # before the model loads, not after
+    check_json_target(args.cache, "--cache", prefix=True)  # before the model loads, not after
     if args.cache and args.tasks:
         from .evaluate.zeroshot import check_cache
 
@@ -544,12 +544,13 @@ def check_device(device: str) -> None:
         raise LlmbinError(f"--device {device}: llmbin runs on cpu or cuda")
 
 
-def check_json_target(path: str | None, option: str = "--json") -> None:
+def check_json_target(path: str | None, option: str = "--json", prefix: bool = False) -> None:
     """``--json``'s (or ``option``'s) path is not a folder, and its folder exists and is writable, so
-    nothing is lost after the work."""
+    nothing is lost after the work. A ``prefix`` (``--cache``) names files beside it, such as
+    ``PREFIX.wikitext2-2048.windows.jsonl``, so it may also be a folder's name (the checkpoint's)."""
     if path is None:
         return
-    if Path(path).is_dir():
+    if not prefix and Path(path).is_dir():
         raise LlmbinError(f"{option} {path} is a folder; give a file path, such as {Path(path) / 'report.json'}")
     folder = Path(path).parent
     if not folder.is_dir():

@@ -1,5 +1,6 @@
 """A perplexity log resumes a long evaluation, and never mixes two models or two settings."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,14 @@ def test_llmbin_eval_cache_resumes_perplexity_and_reports_each_window(tiny_model
     assert b["window_nll"][:2] == a["window_nll"] and b["window_nll"] == c["window_nll"]
     assert b["ppl"]["wikitext2"] == c["ppl"]["wikitext2"] == ppl_of(c["window_nll"])
     assert (tmp_path / "run.wikitext2-32.windows.jsonl").is_file()
+
+
+def test_a_cache_prefix_may_name_a_folder_and_its_log_goes_beside_it(tiny_model_dir, text_file, tmp_path):
+    # the protocol scripts pass the checkpoint's folder as the prefix of its evaluation's logs
+    args = ["eval", "--model", str(tiny_model_dir), "--eval-data", str(text_file), "--seqlen", "32",
+            "--max-windows", "2", "--cache", str(tiny_model_dir), "--no-progress"]
+    assert main(args) == 0
+    assert Path(f"{tiny_model_dir}.wikitext2-32.windows.jsonl").is_file()
 
 
 def test_a_cache_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path, capsys):
