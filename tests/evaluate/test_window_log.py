@@ -94,10 +94,12 @@ def test_llmbin_eval_cache_resumes_perplexity_and_reports_each_window(tiny_model
 
 def test_a_cache_prefix_may_name_a_folder_and_its_log_goes_beside_it(tiny_model_dir, text_file, tmp_path):
     # the protocol scripts pass the checkpoint's folder as the prefix of its evaluation's logs
+    folder = tmp_path / "checkpoint"  # a folder of this test's own: the model fixture is shared by the session
+    folder.mkdir()
     args = ["eval", "--model", str(tiny_model_dir), "--eval-data", str(text_file), "--seqlen", "32",
-            "--max-windows", "2", "--cache", str(tiny_model_dir), "--no-progress"]
+            "--max-windows", "2", "--cache", str(folder), "--no-progress"]
     assert main(args) == 0
-    assert Path(f"{tiny_model_dir}.wikitext2-32.windows.jsonl").is_file()
+    assert Path(f"{folder}.wikitext2-32.windows.jsonl").is_file()
 
 
 def test_a_cache_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path, capsys):
