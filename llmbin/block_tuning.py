@@ -65,7 +65,7 @@ def _owner(block: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (block.get_submodule(path) if path else block), key
 
 
-def _make_leaves(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+def make_leaves(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
     """Replace each tunable tensor by a float32 leaf that requires grad; returns name -> (leaf, dtype before)."""
     leaves = {}
     for name, tensor in tuned_tensors(block).items():
@@ -80,7 +80,7 @@ def _make_leaves(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.dtype]
     return leaves
 
 
-def _freeze(block: nn.Module, leaves: dict[str, tuple[torch.Tensor, torch.dtype]]) -> None:
+def freeze_leaves(block: nn.Module, leaves: dict[str, tuple[torch.Tensor, torch.dtype]]) -> None:
     """Round every tuned tensor to the checkpoint's fp16 and give it back its dtype, without grad:
     packed-layer scales are stored fp16; parameters keep the model's dtype, holding fp16 values."""
     for name, (leaf, dtype) in leaves.items():
@@ -120,7 +120,7 @@ def tune_block(block: nn.Module, inputs, targets, kwargs: dict, *, steps: int, b
     and of the last steps (about one pass over the windows each) and the seconds taken."""
     start = time.perf_counter()
     device = torch.device(device)
-    leaves = _make_leaves(block)
+    leaves = make_leaves(block)
     groups = [{"params": [leaf], "lr": lr * float(leaf.detach().abs().mean().clamp_min(1e-8))}
               for leaf, _ in leaves.values()]
     optimizer = torch.optim.Adam(groups)
@@ -141,7 +141,7 @@ def tune_block(block: nn.Module, inputs, targets, kwargs: dict, *, steps: int, b
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(total)
     finally:
-        _freeze(block, leaves)
+        freeze_leaves(block, leaves)
     span = max(1, min(steps // 2, -(-len(inputs) // batch)))  # about one pass over the windows, at each end
     return {"loss_first": sum(losses[:span]) / span, "loss_last": sum(losses[-span:]) / span,
             "seconds": time.perf_counter() - start}

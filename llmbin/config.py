@@ -3,8 +3,8 @@
 
 ``QuantConfig`` holds the options of the stages the pipeline applies around every method's
 function, each configured once here: incoherence processing (``rotate``), the scale refit
-(``refit_scales``, whose default each method sets), block-wise tuning (``tune``) and distillation
-(``distill``). A variant that differs from a method only in its defaults is a recipe
+(``refit_scales``, whose default each method sets), block-wise tuning (``tune``), the end-to-end
+pass (``e2e_steps``) and distillation (``distill``). A variant that differs from a method only in its defaults is a recipe
 (``recipes/``), not a class."""
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from .errors import LlmbinError
 
 ROTATE_CHOICES = ("none", "input", "both")
 TUNE_FIELDS = ("tune", "tune_steps", "tune_batch", "tune_lr")
+E2E_FIELDS = ("e2e_steps", "e2e_lr")
 LATER_OPTIONS = ("planes", "layers", "embedding_bits", "embedding_group_size")  # added after checkpoints were written: at their default they record nothing
 # Options a layer rule may not set: the method is the run's, and the stages after the layer-wise pass are per block or model.
-NOT_PER_LAYER = ("layers", "tune", "tune_steps", "tune_batch", "tune_lr", "distill", "distill_epochs", "distill_lr",
-                 "embedding_bits", "embedding_group_size")
+NOT_PER_LAYER = ("layers", "tune", "tune_steps", "tune_batch", "tune_lr", "e2e_steps", "e2e_lr", "distill",
+                 "distill_epochs", "distill_lr", "embedding_bits", "embedding_group_size")
 EMBEDDING_BITS = (16, 8, 4)
 
 
@@ -35,6 +36,8 @@ class QuantConfig:
     tune_steps: int = 32  # optimizer steps per block (32: one pass over the README protocol's 32 windows)
     tune_batch: int = 1  # calibration windows per step
     tune_lr: float = 1e-2  # Adam step size, relative to each tuned tensor's mean magnitude
+    e2e_steps: int = 0  # stage: after every block, Adam steps tuning them all against the float logits (llmbin.e2e_tuning)
+    e2e_lr: float = 1e-3  # its step size, relative to each tuned tensor's mean magnitude
     distill: bool = False  # stage: tune scales and norms against the float model's outputs (llmbin.distill)
     distill_epochs: int = 1
     distill_lr: float = 1e-4
@@ -63,6 +66,9 @@ class QuantConfig:
         if self.tune_steps < 1 or self.tune_batch < 1 or not self.tune_lr > 0:
             raise LlmbinError(f"--tune-steps and --tune-batch must be >= 1 and --tune-lr > 0, got {self.tune_steps}, "
                               f"{self.tune_batch} and {self.tune_lr}")
+        if self.e2e_steps < 0 or not self.e2e_lr > 0:
+            raise LlmbinError(f"--e2e-steps must be >= 0 (0: no end-to-end pass) and --e2e-lr > 0, got {self.e2e_steps} "
+                              f"and {self.e2e_lr}")
         if self.distill_epochs < 1 or not self.distill_lr > 0:
             raise LlmbinError(f"--distill-epochs must be >= 1 and --distill-lr > 0, got {self.distill_epochs} and "
                               f"{self.distill_lr}")
@@ -72,9 +78,10 @@ class QuantConfig:
         default, records nothing, so a run or checkpoint written before it existed keeps its record (and
         its resume fingerprint)."""
         data = {"method": self.method, **asdict(self)}
-        if not self.tune:
-            for name in TUNE_FIELDS:
-                del data[name]
+        for on, names in ((self.tune, TUNE_FIELDS), (self.e2e_steps, E2E_FIELDS)):
+            if not on:
+                for name in names:
+                    del data[name]
         for f in fields(self):
             if f.name in LATER_OPTIONS and data[f.name] == (f.default_factory() if f.default is MISSING else f.default):
                 del data[f.name]
@@ -132,6 +139,11 @@ class QuantConfig:
     def wants_distillation(self) -> bool:
         """Whether a model-level distillation stage follows the layer-wise quantization."""
         return self.distill
+
+    def needs_whole_model(self) -> bool:
+        """Whether a stage trains the whole model at once (distillation, the end-to-end pass), so the
+        model is loaded whole rather than streamed block by block."""
+        return self.distill or self.e2e_steps > 0
 
 
 @dataclass
@@ -330,6 +342,10 @@ OPTION_HELP = {
     "tune_steps": "with --tune: Adam steps per block",
     "tune_batch": "with --tune: calibration windows per step",
     "tune_lr": "with --tune: Adam step size, relative to each tuned tensor's mean magnitude",
+    "e2e_steps": "after every block is quantized (and tuned), Adam steps of one calibration window each that tune "
+                 "the same tensors as --tune in all blocks, and the final norm, against the float model's next-token "
+                 "distribution (KL; llmbin.e2e_tuning; 0: off; loads the model whole)",
+    "e2e_lr": "with --e2e-steps: Adam step size, relative to each tuned tensor's mean magnitude",
     "distill": "after quantizing, tune the scales and norms against the float model's outputs (loads the model whole)",
     "distill_epochs": "with --distill: passes over the calibration windows",
     "distill_lr": "with --distill: learning rate",
