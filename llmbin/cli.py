@@ -315,7 +315,7 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
     try:
         if writer:
             check_resumable(work, run_options(config, {"model": args.model, **info}))
-        opened = open_model(args.model, dtype=args.dtype, device=device, whole=config.needs_whole_model())
+        opened = open_model(args.model, dtype=args.dtype, device=device, whole=config.wants_distillation())
         calibration = calibration_windows(opened.tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed)
         start, stats = time.perf_counter(), {}
         report = {"model": args.model, "method": config.method, "recipe": args.recipe, "config": config.to_dict(),

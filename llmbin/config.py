@@ -140,11 +140,6 @@ class QuantConfig:
         """Whether a model-level distillation stage follows the layer-wise quantization."""
         return self.distill
 
-    def needs_whole_model(self) -> bool:
-        """Whether a stage trains the whole model at once (distillation, the end-to-end pass), so the
-        model is loaded whole rather than streamed block by block."""
-        return self.distill or self.e2e_steps > 0
-
 
 @dataclass
 class PBLLMConfig(QuantConfig):
@@ -344,7 +339,7 @@ OPTION_HELP = {
     "tune_lr": "with --tune: Adam step size, relative to each tuned tensor's mean magnitude",
     "e2e_steps": "after every block is quantized (and tuned), Adam steps of one calibration window each that tune "
                  "the same tensors as --tune in all blocks, and the final norm, against the float model's next-token "
-                 "distribution (KL; llmbin.e2e_tuning; 0: off; loads the model whole)",
+                 "distribution (KL; llmbin.e2e_tuning; 0: off; holds the packed model whole for the pass)",
     "e2e_lr": "with --e2e-steps: Adam step size, relative to each tuned tensor's mean magnitude",
     "distill": "after quantizing, tune the scales and norms against the float model's outputs (loads the model whole)",
     "distill_epochs": "with --distill: passes over the calibration windows",

@@ -138,7 +138,8 @@ def quantize_blocks(
     stop_after_blocks: int | None = None,
     stats: dict | None = None,
     progress: bool = True,
-) -> None:
+    keep_float_outputs: bool = False,
+):
     """Quantize every linear layer of every decoder block in place.
 
     ``weights`` (a lazy mapping of state-dict names to stored tensors) makes ``model`` a meta
@@ -154,6 +155,9 @@ def quantize_blocks(
     been newly quantized (and passed to ``on_block_done``). ``stats`` receives timings:
     ``capture_seconds``, ``block_seconds`` (block index -> seconds, newly quantized blocks only)
     and, when tuning, ``tune`` (block index -> ``block_tuning.tune_block``'s report).
+    With ``keep_float_outputs`` the float activations are propagated too (as for tuning) and the
+    buffer, holding the float model's last-block output for every window, is returned for the
+    caller to close (the end-to-end pass's targets); otherwise None is returned.
     """
     ranks = distributed.current()
     if ranks.distributed and config.tune:
@@ -170,7 +174,8 @@ def quantize_blocks(
     done = done or {}
     stats = {} if stats is None else stats
     stats["block_seconds"], start = {}, time.perf_counter()
-    if config.tune:  # two buffers share the budget one would have
+    float_pass = config.tune or keep_float_outputs
+    if float_pass:  # two buffers share the budget one would have
         activation_budget = (default_budget() if activation_budget is None else activation_budget) // 2
     distributed.check_world(ranks, len(calibration))
     own = distributed.own_windows(ranks, len(calibration))  # this rank's windows, in store slots 0, 1, ...
@@ -181,14 +186,15 @@ def quantize_blocks(
                                          offload_dir=offload_activations, fallback_dir=fallback_dir,
                                          budget=activation_budget)
     stats["capture_seconds"] = time.perf_counter() - start
-    targets = None
+    targets, kept = None, False
     try:
-        if config.tune:
+        if float_pass:
             targets = activation_store(len(store), store.shape, store.dtype, offload_dir=offload_activations,
                                        fallback_dir=fallback_dir, budget=activation_budget)
             for i in range(len(store)):
                 targets[i] = store[i]
-            stats["tune"] = {}
+            if config.tune:
+                stats["tune"] = {}
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress or not ranks.writer)
         for index in bar:
             start, name = time.perf_counter(), f"{prefix}.{index}"
@@ -203,7 +209,7 @@ def quantize_blocks(
                 block_configs = {n: configs[f"{name}.{n}"] for n in linear_layers(block)}
                 finished: BlockState = _quantize_block(block, store, kwargs, block_configs.__getitem__, placement.device,
                                                        dtype, index, chunks, len(all_chunks), ranks)
-                if targets is not None:
+                if config.tune:
                     bar.set_postfix_str("tuning")
                     stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
                                                       batch=config.tune_batch, lr=config.tune_lr,
@@ -218,10 +224,32 @@ def quantize_blocks(
                 stats["block_seconds"][index] = time.perf_counter() - start
                 if stop_after_blocks is not None and len(stats["block_seconds"]) >= stop_after_blocks:
                     raise QuantizationStopped(len(stats["block_seconds"]))
+        kept = keep_float_outputs
+        return targets if kept else None
     finally:
         store.close()
-        if targets is not None:
+        if targets is not None and not kept:
             targets.close()
+
+
+def onload_packed_model(model: nn.Module, device, weights: Mapping[str, torch.Tensor],
+                        finished: Mapping[int, BlockState]) -> None:
+    """Put a streamed model, all of it, on ``device``: each decoder block with its packed layers
+    and tuned tensors from ``finished`` (every block's state), and the tensors outside the blocks
+    (embedding, final norm, output matrix) from ``weights``. For the end-to-end pass, which trains
+    the whole packed model."""
+    placement = Placement(device, weights)
+    blocks = decoder_layers(model)
+    prefix = module_name(model, blocks)
+    for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        packed = tuple(f"{name}.{n}." for n, m in block.named_modules() if isinstance(m, BinaryLinear))
+        # the packed layers (meta since the run released them) come from their finished file, the rest from weights
+        placement.onload(model, [n for n in tensor_names(block, name) if not n.startswith(packed)])
+        _install(block, finished[index], placement.device)
+    placement.onload(model, [n for n in tensor_names(model) if not n.startswith(prefix + ".")])
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # onloading replaced the embedding's Parameter; restore the tie to the head
 
 
 def _install(block: nn.Module, state: BlockState, device) -> None:

@@ -8,7 +8,9 @@ checkpoint's layout and bit count do not change. The loss is ``KL(float ‖ quan
 token, averaged over a window; Adam, one calibration window per step in a seeded order, each
 tensor's step ``e2e_lr`` times its mean magnitude before tuning (as the block-wise stage).
 
-The float side is one pass before quantization: its final hidden states (after the last norm),
+The float side comes from the driver, which propagates the float activations through each float
+block beside the quantized ones (as for ``tune``); after the last block they go through the final
+norm, as it is before tuning, to give each window's float final hidden states,
 ``4 × seqlen × hidden`` bytes per window. Its logits are recomputed from them with the model's
 own output matrix, which the pass does not tune, in chunks of ``CHUNK`` tokens, so no window's
 full ``seqlen × vocab`` logits exist at once on either side. The quantized model runs with
@@ -40,6 +42,17 @@ def float_final_states(model: nn.Module, calibration: torch.Tensor, device) -> l
     """Each calibration window's hidden states after the float model's last norm, in float32 on the CPU."""
     return [model.base_model(ids.unsqueeze(0).to(device), use_cache=False).last_hidden_state[0].float().cpu()
             for ids in calibration]
+
+
+@torch.no_grad()
+def final_states(model: nn.Module, last_block_outputs, device) -> list[torch.Tensor]:
+    """The float model's final hidden states from its last block's outputs (an indexable buffer of
+    windows, as the driver keeps them), through ``model``'s final norm as it is now: call it before
+    the pass tunes that norm. Float32, on the CPU."""
+    norm = final_norm(model)
+    dtype = norm.weight.dtype
+    return [norm(last_block_outputs[i].to(device=device, dtype=dtype)).float().cpu()
+            for i in range(len(last_block_outputs))]
 
 
 def kl_backward(hidden: torch.Tensor, target: torch.Tensor, head: nn.Module) -> float:

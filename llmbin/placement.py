@@ -29,6 +29,11 @@ class Placement:
     def streaming(self) -> bool:
         return self.weights is not None
 
+    @functools.cached_property
+    def stored_names(self) -> frozenset[str]:
+        """The names ``weights`` holds (from its keys: a lazy mapping's ``in`` would read the tensor)."""
+        return frozenset(self.weights or ())
+
     @property
     def home(self) -> torch.device:
         """Where released tensors go: the meta device when streaming, else the CPU."""
@@ -54,11 +59,14 @@ class Placement:
                 set_module_tensor_to_device(root, name, self.device)
 
     def release(self, root: nn.Module, names: Iterable[str]) -> None:
-        """Undo :meth:`onload`: each tensor back on the meta device (streaming) or the CPU."""
+        """Undo :meth:`onload`: each tensor back on the meta device (streaming) or the CPU. A tensor
+        the stored weights lack (a non-persistent buffer such as rotary frequencies, computed when
+        the model was built) goes to the CPU instead, since on the meta device it would be lost."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name in names:
-            set_module_tensor_to_device(root, name, self.home)
+            home = self.home if not self.streaming or name in self.stored_names else torch.device("cpu")
+            set_module_tensor_to_device(root, name, home)
 
     def onload_module(self, root: nn.Module, prefix: str) -> nn.Module:
         """Onload every tensor under the submodule ``prefix``."""

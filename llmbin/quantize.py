@@ -20,8 +20,8 @@ from .checkpoint.shards import MAX_SHARD_BYTES
 from .checkpoint.tensors import STORAGE_DTYPE
 from .config import QuantConfig
 from .distill import distillation_stage
-from .driver import float_dtype, module_name, quantize_blocks
-from .e2e_tuning import float_final_states, tune_end_to_end
+from .driver import float_dtype, module_name, onload_packed_model, quantize_blocks
+from .e2e_tuning import final_norm, final_states, tune_end_to_end
 from .errors import LlmbinError, check_positions, check_token_ids
 from .models import OpenedModel, activation_dtype, decoder_layers
 from .nn.half_weights import serve_half_weights
@@ -102,14 +102,28 @@ def check_source(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | N
     return identity.hexdigest()
 
 
-def _on(model: torch.nn.Module, device, work):
-    """``work()`` with the whole ``model`` moved to the compute ``device``, then moved back."""
-    home = next(model.parameters()).device
-    model.to(device)
+def end_to_end_stage(model: torch.nn.Module, calibration: torch.Tensor, float_outputs, config: QuantConfig, *,
+                     device, weights=None, work_dir=None, progress: bool = True) -> dict:
+    """The end-to-end pass as the pipeline runs it, on the whole packed model: a streamed model
+    (``weights``) is first onloaded whole from its finished blocks in ``work_dir`` and stays so;
+    a model in memory moves to ``device`` and back. ``float_outputs`` (the driver's float
+    buffer, closed here) gives the targets through the final norm as it is before tuning."""
+    home = None
     try:
-        return work()
+        if weights is not None:
+            onload_packed_model(model, device, weights, finished_blocks(work_dir))
+        else:
+            home = next(model.parameters()).device
+            model.to(device)
+        targets = final_states(model, float_outputs, device)
     finally:
-        model.to(home)
+        float_outputs.close()
+    try:
+        return tune_end_to_end(model, calibration, targets, steps=config.e2e_steps, lr=config.e2e_lr, device=device,
+                               progress=progress)
+    finally:
+        if home is not None:
+            model.to(home)
 
 
 def quantize(
@@ -139,8 +153,9 @@ def quantize(
     With ``config.distill`` (any method; ``db-llm --distill`` is DB-LLM's), the distillation stage
     then tunes the scales and norms against a copy of the float model taken before quantization.
     With ``config.e2e_steps``, the end-to-end pass (:mod:`llmbin.e2e_tuning`) instead tunes every
-    block's continuous tensors against the float model's final hidden states, kept from one float
-    pass over the calibration windows before quantization. Both need the model whole.
+    block's continuous tensors, and the final norm, against the float model's next-token
+    distribution, from the float activations the driver propagates beside the quantized ones; a
+    streamed model is then held whole, packed, for the pass.
     Afterwards the remaining float tensors are rounded to the checkpoint's fp16, so the returned
     model computes exactly what its saved checkpoint will (and, like a loaded one, serves its
     fp32 lm_head from those fp16 values).
@@ -150,16 +165,19 @@ def quantize(
     ranks = distributed.current()
     if config.distill and config.e2e_steps:
         raise LlmbinError("--distill and --e2e-steps both tune the whole model against the float one; choose one")
-    if ranks.distributed and config.needs_whole_model():
+    if ranks.distributed and (config.distill or config.e2e_steps):
         raise LlmbinError("distillation and the end-to-end pass run in one process; launch without torchrun, or "
                           "quantize without --distill and --e2e-steps")
     if not torch.is_tensor(calibration) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise LlmbinError("calibration must be a (nsamples, seqlen) LongTensor of token ids; see llmbin.calibration_windows")
     if weights is not None and work_dir is None and ranks.writer:  # other ranks' blocks are rank 0's to write
         raise LlmbinError("a streamed model needs a work_dir for its finished blocks")
-    if weights is not None and config.needs_whole_model():
-        raise LlmbinError("distillation and the end-to-end pass train the whole model, so they need it loaded whole; "
-                          "use llmbin.models.load_model (the CLI does this for --distill and --e2e-steps)")
+    if weights is not None and config.wants_distillation():
+        raise LlmbinError("distillation trains the whole model, so it needs the model loaded whole; "
+                          "use llmbin.models.load_model (the CLI does this for --distill)")
+    if config.e2e_steps and final_norm(model) is None:
+        raise LlmbinError(f"the end-to-end pass needs the norm after the last block (model.norm, as in Llama or Qwen2), "
+                          f"which {type(model).__name__} does not have; quantize without --e2e-steps")
     check_positions(model.config, calibration.shape[1])
     check_token_ids(model, calibration)
     act_dtype = activations_dtype or float_dtype(model)
@@ -179,18 +197,17 @@ def quantize(
     if ranks.distributed:
         done = SharedBlocks(done if ranks.writer else None, ranks)
     teacher, distill_report = (copy.deepcopy(model) if config.wants_distillation() else None), {}
-    float_states = _on(model, device, lambda: float_final_states(model, calibration, device)) if config.e2e_steps else None
-    quantize_blocks(model, config, calibration, device=device, weights=weights, done=done, on_block_done=on_block_done,
-                    activation_dtype=act_dtype, offload_activations=offload_activations, fallback_dir=work_dir,
-                    activation_budget=activation_budget, stop_after_blocks=stop_after_blocks, stats=stats,
-                    progress=progress)
+    float_outputs = quantize_blocks(model, config, calibration, device=device, weights=weights, done=done,
+                                    on_block_done=on_block_done, activation_dtype=act_dtype,
+                                    offload_activations=offload_activations, fallback_dir=work_dir,
+                                    activation_budget=activation_budget, stop_after_blocks=stop_after_blocks,
+                                    stats=stats, progress=progress, keep_float_outputs=bool(config.e2e_steps))
     if teacher is not None:
         distill_report = distillation_stage(model, teacher, calibration, config, device=device, progress=progress)
         del teacher
-    if float_states is not None:
-        e2e = _on(model, device, lambda: tune_end_to_end(model, calibration, float_states, steps=config.e2e_steps,
-                                                         lr=config.e2e_lr, device=device, progress=progress))
-        del float_states
+    if float_outputs is not None:
+        e2e = end_to_end_stage(model, calibration, float_outputs, config, device=device, weights=weights,
+                               work_dir=work_dir, progress=progress)
         if stats is not None:
             stats["e2e"] = e2e
         distill_report = {k: v for k, v in e2e.items() if k != "e2e_seconds"}

@@ -108,19 +108,43 @@ def test_the_pass_and_distillation_are_not_combined():
                         progress=False)
 
 
-def test_a_streamed_model_is_refused_with_the_way_to_load_it_whole(tiny_sharded_dir, tmp_path):
-    with pytest.raises(llmbin.LlmbinError, match="loaded whole"):
-        quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(e2e_steps=2), TRAIN[:2],
-                          tmp_path / "ckpt", progress=False)
+def test_a_model_without_a_known_final_norm_is_refused_before_any_work():
+    model = tiny_model("llama")
+    del model.model.norm  # e.g. GPT-2's is ln_f: its float targets would miss the norm
+    with pytest.raises(llmbin.LlmbinError, match="needs the norm after the last block"):
+        llmbin.quantize(model, llmbin.make_config("pb-llm", e2e_steps=2), TRAIN[:2], progress=False)
 
 
-def test_a_run_with_the_pass_interrupted_and_resumed_gives_the_uninterrupted_checkpoint(tiny_sharded_dir, tmp_path,
-                                                                                      monkeypatch):
-    config = llmbin.PBLLMConfig(e2e_steps=3)
-    quantize_and_save(open_model(str(tiny_sharded_dir), whole=True), config, TRAIN[:4], tmp_path / "once",
+@pytest.fixture(scope="module")
+def streamed_with_pass(tiny_sharded_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "ckpt"
+    quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(**WITH_PASS), TRAIN[:4], out,
                       progress=False)
+    return out
+
+
+WITH_PASS = dict(tune=True, tune_steps=2, e2e_steps=3)
+
+
+def test_a_streamed_run_with_the_pass_gives_the_whole_models_checkpoint(tiny_sharded_dir, streamed_with_pass,
+                                                                         tmp_path):
+    quantize_and_save(open_model(str(tiny_sharded_dir), whole=True), llmbin.PBLLMConfig(**WITH_PASS), TRAIN[:4],
+                      tmp_path / "whole", progress=False)
+    _assert_same_checkpoint(streamed_with_pass, tmp_path / "whole")
+    without = tmp_path / "without"
+    quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(tune=True, tune_steps=2), TRAIN[:4],
+                      without, progress=False)
+    with pytest.raises(AssertionError):
+        _assert_same_checkpoint(streamed_with_pass, without)
+
+
+def test_a_run_with_the_pass_interrupted_and_resumed_gives_the_uninterrupted_checkpoint(tiny_sharded_dir,
+                                                                                      streamed_with_pass, tmp_path,
+                                                                                      monkeypatch):
     out = tmp_path / "ckpt"
     with interrupt_after_first_block(monkeypatch), pytest.raises(KeyboardInterrupt):
-        quantize_and_save(open_model(str(tiny_sharded_dir), whole=True), config, TRAIN[:4], out, progress=False)
-    quantize_and_save(open_model(str(tiny_sharded_dir), whole=True), config, TRAIN[:4], out, progress=False)
-    _assert_same_checkpoint(tmp_path / "once", out)
+        quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(**WITH_PASS), TRAIN[:4], out,
+                          progress=False)
+    quantize_and_save(open_model(str(tiny_sharded_dir)), llmbin.PBLLMConfig(**WITH_PASS), TRAIN[:4], out,
+                      progress=False)
+    _assert_same_checkpoint(streamed_with_pass, out)
