@@ -9,7 +9,7 @@ window, 4 × seqlen × hidden bytes each, and its logits are recomputed from the
 so no window's full logits tensor is stored. The quantized model runs with gradient checkpointing
 per block.
 
-    LLMBIN_DATA=../shared/data python eval/kl_pass.py CKPT --model smollm2-135m --steps 64 --lr 1e-3 \\
+    LLMBIN_DATA=../shared/data python eval/kl_pass.py CKPT --model smollm2-135m --steps 64 --lr 3e-3 \\
         [--windows N] [--json FILE]
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="relative to each tensor's mean magnitude")
+    p.add_argument("--lr", type=float, default=3e-3, help="relative to each tensor's mean magnitude")
     p.add_argument("--windows", type=int, default=None, help="first wikitext-2 test windows (default all)")
     p.add_argument("--json")
     args = p.parse_args()
