@@ -5,7 +5,8 @@ Collects finished runs and merges them into a record of rows (``--record``, comm
 
 * llmbin runs: in each ``--runs`` folder, every ``NAME.quant.json`` (``llmbin quantize --json``)
   with its ``NAME.full.json`` (``llmbin eval CKPT --ppl wikitext2 --json``), and a method
-  benchmark's ``methods.json``;
+  benchmark's ``methods.json``; ``NAME.e2e-*.json`` (``eval/kl_pass.py NAME --json``) adds the same
+  checkpoint after the end-to-end pass as a row of its own;
 * llama.cpp GGUF files: ``--gguf FILE.gguf=EVAL.json``, bits counted from the file's tensor types
   (``eval/gguf_bits.py``), perplexity from ``llmbin eval --model FILE.gguf --json``.
 
@@ -78,8 +79,9 @@ def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str, windows:
         recipe, family = recipe + OLD_PBLLM, family + OLD_PBLLM  # before the α search became the default
     elif family == "pb-llm" and not config.get("order_search", False):
         recipe, family = recipe + NO_ORDER_SEARCH, family + NO_ORDER_SEARCH  # before the order search became the default
-    if config.get("tune"):  # the tuning stage: its own line on the plot, beside the untuned runs
-        recipe, family = recipe + " +tune", family + " +tune"
+    for stage, flag in (("tune", "tune"), ("e2e_steps", "e2e")):  # tuning stages: lines of their own on the plot
+        if config.get(stage):
+            recipe, family = recipe + f" +{flag}", family + f" +{flag}"
     rotate = config.get("rotate", "none")
     return {"setting": recipe + ("" if rotate == "none" else f" rotate={rotate}"), "family": family,
             "rotate": rotate, "seed": quant["calibration"].get("seed"), "nsamples": quant["calibration"].get("nsamples"),
@@ -99,6 +101,13 @@ def collect_runs(folder: Path, machine: str, windows: int | None = None) -> list
                 rows.append(llmbin_row(json.loads(quant_file.read_text()), evaluated, str(folder / name), machine,
                                        windows))
                 break
+        for pass_file in sorted(folder.glob(f"{name}.e2e-*.json")):  # eval/kl_pass.py on this checkpoint
+            tuned = json.loads(pass_file.read_text())
+            quant = json.loads(quant_file.read_text())
+            quant["config"] = {**quant["config"], "e2e_steps": tuned["steps"], "e2e_lr": tuned["lr"]}
+            evaluated = {"ppl": {"wikitext2": tuned["ppl"]}, "max_windows": tuned.get("windows")}
+            if eval_ppl(evaluated, windows) is not None:
+                rows.append(llmbin_row(quant, evaluated, str(pass_file), machine, windows))
     return rows
 
 
