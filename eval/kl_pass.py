@@ -21,6 +21,7 @@ import time
 import torch
 
 from llmbin.checkpoint.io import load, load_tokenizer
+from llmbin.config import QuantConfig
 from llmbin.data.calibration import calibration_windows
 from llmbin.data.text import resolve_text
 from llmbin.e2e_tuning import float_final_states, tune_end_to_end
@@ -34,7 +35,8 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3, help="relative to each tensor's mean magnitude")
+    p.add_argument("--lr", type=float, default=QuantConfig.e2e_lr, help="relative to each tensor's mean magnitude "
+                   "(default: --e2e-lr's)")
     p.add_argument("--windows", type=int, default=None, help="first wikitext-2 test windows (default all)")
     p.add_argument("--json")
     args = p.parse_args()

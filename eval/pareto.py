@@ -92,22 +92,20 @@ def llmbin_row(quant: dict, evaluated: dict, source: str, machine: str, windows:
 def collect_runs(folder: Path, machine: str, windows: int | None = None) -> list[dict]:
     rows = []
     for quant_file in sorted(folder.glob("*.quant.json")):
-        name = quant_file.name.removesuffix(".quant.json")
+        name, quant = quant_file.name.removesuffix(".quant.json"), json.loads(quant_file.read_text())
         for eval_name in (f"{name}.full.json", f"{name}.eval.json", f"{name}.{windows}.json"):
             if (folder / eval_name).exists():
                 evaluated = json.loads((folder / eval_name).read_text())
                 if eval_ppl(evaluated, windows) is None:
                     continue  # a quick look, not this protocol's windows
-                rows.append(llmbin_row(json.loads(quant_file.read_text()), evaluated, str(folder / name), machine,
-                                       windows))
+                rows.append(llmbin_row(quant, evaluated, str(folder / name), machine, windows))
                 break
         for pass_file in sorted(folder.glob(f"{name}.e2e-*.json")):  # eval/kl_pass.py on this checkpoint
             tuned = json.loads(pass_file.read_text())
-            quant = json.loads(quant_file.read_text())
-            quant["config"] = {**quant["config"], "e2e_steps": tuned["steps"], "e2e_lr": tuned["lr"]}
+            passed = {**quant, "config": {**quant["config"], "e2e_steps": tuned["steps"], "e2e_lr": tuned["lr"]}}
             evaluated = {"ppl": {"wikitext2": tuned["ppl"]}, "max_windows": tuned.get("windows")}
             if eval_ppl(evaluated, windows) is not None:
-                rows.append(llmbin_row(quant, evaluated, str(pass_file), machine, windows))
+                rows.append(llmbin_row(passed, evaluated, str(pass_file), machine, windows))
     return rows
 
 
