@@ -13,7 +13,7 @@ class QuantizationStopped(Exception):
     its finished blocks are on disk, and the same run without the limit resumes from them."""
 
     def __init__(self, blocks_done: int):
-        super().__init__(f"stopped after {blocks_done} newly quantized blocks, as asked")
+        super().__init__(f"stopped after {blocks_done} newly quantized block{'s' * (blocks_done != 1)}, as asked")
         self.blocks_done = blocks_done
 
 
