@@ -853,6 +853,8 @@ std::vector<std::string> available_isas() {
 void half_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, bool simd);  // half_matvec_cpu.cpp
 void table_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits, int64_t group,
                   at::Tensor& out, bool simd);  // table_matvec_cpu.cpp
+void kron_transform(const at::Tensor& x, const at::Tensor& signs, int64_t hadamard, const at::Tensor& odd,
+                    bool transpose, at::Tensor& out, bool simd);  // rotate_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for any leading shape and float dtype (small batches)");
@@ -864,5 +866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("out"), py::arg("simd") = true);
   m.def("table_linear", &table_linear, "out (B, N) = x (B, K) fp32 @ an 8- or 4-bit table with fp16 group scales",
         py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("bits"), py::arg("group"), py::arg("out"),
+        py::arg("simd") = true);
+  m.def("kron_transform", &kron_transform, "out (B, n) = T x (or T^T x) for T = (H_h / sqrt(h) (x) C_m) diag(signs)",
+        py::arg("x"), py::arg("signs"), py::arg("hadamard"), py::arg("odd"), py::arg("transpose"), py::arg("out"),
         py::arg("simd") = true);
 }

@@ -29,7 +29,7 @@ except ImportError:  # Windows: no advisory locks; builds there are not guarded 
 SOURCE_DIR = next((d for d in (Path(__file__).with_name("csrc"), Path(__file__).parents[2] / "kernels")
                    if (d / "packed_matmul_cpu.cpp").exists()), Path(__file__).parents[2] / "kernels")
 SOURCES = [SOURCE_DIR / "packed_matmul_cpu.cpp", SOURCE_DIR / "half_matvec_cpu.cpp",  # the first defines the module
-           SOURCE_DIR / "table_matvec_cpu.cpp"]
+           SOURCE_DIR / "table_matvec_cpu.cpp", SOURCE_DIR / "rotate_cpu.cpp"]
 # "auto": the fastest path (AVX2 table lookup: ~1e-4 of Σ|x·w| from table rounding);
 # "exact": the fastest exact-fp32 path (AVX2 float, else scalar).
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx2-lut": 4, "exact": 5}

@@ -14,6 +14,8 @@ measurements, not laws. They were measured on the development machine, an AMD EP
   and the GEMM that reads it.
 * ``half_max_rows``: past 8 rows the 16-bit weight is read once per band anyway, and widening
   bands + GEMM wins over the 16-bit-weight kernel.
+* ``rotate_max_rows``: a rotation's C++ transform does a row at a time without GEMM blocking; it
+  wins on the per-op overhead of torch's small products at decode batches, which is gone by 16 rows.
 
 To re-measure on another machine, force each path with the overrides and compare the
 ``packed`` column of ``eval/kernel_benchmark.py`` over batches around the crossover::
@@ -47,6 +49,7 @@ class KernelTuning:
     # also serves calls of more rows than this from a light plan (no tiles, the salient part read in place)
     band_bytes: int = 4 << 20  # the large-batch path decodes bands of rows of about this many fp32 bytes
     half_max_rows: int = 8  # the 16-bit-weight kernel serves batches up to this; past it, widened bands + GEMM
+    rotate_max_rows: int = 8  # the rotation kernel serves batches up to this; past it, torch's products per factor
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> KernelTuning:
@@ -64,4 +67,4 @@ class KernelTuning:
         return cls(**values)
 
 
-TUNING = KernelTuning.from_env()  # read once, at import; ``ops`` and ``half`` take their thresholds from it
+TUNING = KernelTuning.from_env()  # read once, at import; ``ops``, ``half`` and ``rotate`` take their thresholds from it

@@ -11,6 +11,7 @@ from ..errors import LlmbinError
 from ..kernels.dispatch import kernel_path
 from ..kernels.ops import LUT_MAX_WORK, packed_linear
 from ..kernels.plan import KernelPlan, build_plan
+from ..kernels.rotate import rotate
 from ..packing.packed_weight import PackedWeight
 from ..packing.rotation import OrthogonalTransform
 
@@ -99,8 +100,8 @@ class BinaryLinear(nn.Module):
         if path is not None and not (torch.is_grad_enabled() and (x.requires_grad or self._trains_scales())):
             # rotated: y = Sᵀ·(Ŵ'·(T·x)); the kernel only ever sees the stored codes' matrix Ŵ'
             T, S = self.transforms(x)
-            y = packed_linear(x if T is None else T.apply(x), self.kernel_plan(x.numel() // self.in_features), path)
-            y = y if S is None else S.apply_transpose(y)
+            y = packed_linear(x if T is None else rotate(x, T), self.kernel_plan(x.numel() // self.in_features), path)
+            y = y if S is None else rotate(y, S, transpose=True)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.dense_cache:

@@ -118,6 +118,22 @@ def _signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64) * 2 - 1
 
 
+def kronecker_transform(x: torch.Tensor, factors, signs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``T·v`` (``transpose``: ``Tᵀ·v``) along the last dimension of ``x``, for
+    ``T = (F_1 ⊗ … ⊗ F_L)·diag(signs)``: one small matrix product per factor, along its axis of
+    ``v`` viewed as an ``F_1 × … × F_L`` array. The plain-torch form of the CPU kernel
+    ``kernels/rotate_cpu.cpp``, which small batches use (``kernels.rotate``)."""
+    if not transpose:
+        x = x * signs
+    if factors:
+        shape = x.shape
+        y = x.reshape(-1, *(M.shape[0] for M in factors))
+        for axis, M in enumerate(factors, start=1):
+            y = torch.movedim(torch.tensordot(y, M if transpose else M.T, dims=([axis], [0])), -1, axis)
+        x = y.reshape(shape)
+    return x * signs if transpose else x
+
+
 class OrthogonalTransform:
     """``T`` of the module docstring for one size and seed, on one device and dtype."""
 
@@ -128,20 +144,13 @@ class OrthogonalTransform:
         self.factors = [_hadamard(k, device, dtype) for k in hadamard] + ([_dct(odd, device, dtype)] if odd > 1 else [])
         self.signs = _signs(size, seed).to(device=device, dtype=dtype)
 
-    def _kron(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-        shape = x.shape
-        y = x.reshape(-1, *(M.shape[0] for M in self.factors))
-        for axis, M in enumerate(self.factors, start=1):
-            y = torch.movedim(torch.tensordot(y, M if transpose else M.T, dims=([axis], [0])), -1, axis)
-        return y.reshape(shape)
-
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``T·v`` for every vector ``v`` along the last dimension of ``x``."""
-        return self._kron(x * self.signs, transpose=False) if self.factors else x * self.signs
+        return kronecker_transform(x, self.factors, self.signs, transpose=False)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """``Tᵀ·v`` (the inverse) for every vector along the last dimension of ``x``."""
-        return (self._kron(x, transpose=True) if self.factors else x) * self.signs
+        return kronecker_transform(x, self.factors, self.signs, transpose=True)
 
     def matrix(self) -> torch.Tensor:
         """Dense ``T`` (tests and small sizes only: n² entries)."""
