@@ -330,7 +330,8 @@ def cmd_quantize(args, option_names: list[str]) -> dict:
             return None
         report.update({"stopped_after_blocks": stop.blocks_done, "quantize_seconds": time.perf_counter() - start,
                        "peak_rss_mib": _peak_rss_mib()})
-        print(f"stopped after {stop.blocks_done} block{'s' * (stop.blocks_done != 1)} as asked; they are in {out}.partial, rerun without "
+        blocks = f"{stop.blocks_done} block{'s' * (stop.blocks_done != 1)}"
+        print(f"stopped after {blocks} as asked; they are in {out}.partial, rerun without "
               f"--stop-after-blocks to continue (peak RSS {report['peak_rss_mib']:.0f} MiB)")
         return report
     except BaseException as exc:

@@ -143,7 +143,8 @@ def test_sharded_16_bit_folder_with_the_scale_options(tiny_sharded_dir, text_fil
                         str(tmp_path / "acts"), "--stop-after-blocks", "1", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["stopped_after_blocks"] == 1
     assert not (tmp_path / "b").exists() and (tmp_path / "b.partial" / "block_00000.safetensors").exists()
-    assert "rerun without --stop-after-blocks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped after 1 block as asked" in out and "rerun without --stop-after-blocks" in out
     assert main(args + ["--out", str(tmp_path / "b"), "--offload-activations", str(tmp_path / "acts")]) == 0
     x = torch.randint(0, 300, (1, 20))
     with torch.no_grad():

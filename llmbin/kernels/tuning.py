@@ -14,8 +14,9 @@ measurements, not laws. They were measured on the development machine, an AMD EP
   and the GEMM that reads it.
 * ``half_max_rows``: past 8 rows the 16-bit weight is read once per band anyway, and widening
   bands + GEMM wins over the 16-bit-weight kernel.
-* ``rotate_max_rows``: a rotation's C++ transform does a row at a time without GEMM blocking; it
-  wins on the per-op overhead of torch's small products at decode batches, which is gone by 16 rows.
+* ``rotate_max_rows``: a rotation's C++ transform goes a row at a time; it replaces torch's small
+  products per Kronecker factor, whose per-op cost dominates at decode batches. 8, as for the
+  16-bit kernel; measured at batch 1 only.
 
 To re-measure on another machine, force each path with the overrides and compare the
 ``packed`` column of ``eval/kernel_benchmark.py`` over batches around the crossover::
