@@ -16,6 +16,7 @@ from .cpu import extension
 from .tuning import TUNING
 
 MAX_ROWS = TUNING.rotate_max_rows
+_NO_ODD_FACTOR = torch.empty(0, 0)  # the kernel's "m = 1": made once, not per call
 
 
 def _rotate_2d(x2: Tensor, factors: list[Tensor], signs: Tensor, transpose: bool, use_kernel: bool = True) -> Tensor:
@@ -24,7 +25,7 @@ def _rotate_2d(x2: Tensor, factors: list[Tensor], signs: Tensor, transpose: bool
         return kronecker_transform(x2, factors, signs, transpose)
     # rotation.py's construction: Hadamard factors of powers of two (together the Sylvester H_h), then
     # the odd part's DCT factor, if any
-    odd = factors[-1] if factors and factors[-1].shape[0] % 2 else x2.new_empty(0, 0)
+    odd = factors[-1] if factors and factors[-1].shape[0] % 2 else _NO_ODD_FACTOR
     out = torch.empty_like(x2, memory_format=torch.contiguous_format)
     ext.kron_transform(x2.contiguous(), signs, x2.shape[1] // max(1, odd.shape[0]), odd, transpose, out)
     return out
