@@ -46,7 +46,7 @@ struct Plan {
   const uint8_t* tiles;    // (P, NT, W64, 128) 16-row nibble tiles, or null
   int64_t NT;
   const float* colw;       // (V, Kpad)
-  const float* coef;       // (NP, N, G)
+  const float* coef;       // (NP, NT, G, 16) tile-major: a 16-row tile's coefficients of one group are adjacent
   const int64_t* rowptr;   // (N + 1) or null
   const void* scol;        // int16 or int32 (S)
   const float* sval;       // (S) fp32 deltas, or null for codes
@@ -62,6 +62,11 @@ struct Plan {
   int plist[MAX_FAST_PRODUCTS][MAX_PLANES];
   std::vector<int32_t> var, mono;
 };
+
+// Row r's coefficients of product k: group g's is at [16 * g] (tile-major; rows past N are zero).
+inline const float* coef_row(const Plan& p, int64_t k, int64_t r) {
+  return p.coef + (k * p.NT + (r >> 4)) * p.G * 16 + (r & 15);
+}
 
 // A product's planes for one row: most products have one or two, so those are unrolled.
 struct RowPlanes {
@@ -193,9 +198,9 @@ void salient_write_stream(const Plan& p, int64_t r, float* row) {
 inline float row_tail(const Plan& p, const float* x, const float* sums, int64_t r) {
   float total = 0.f;
   for (int64_t k = p.NB; k < p.NP; ++k) {
-    const float* c = p.coef + (k * p.N + r) * p.G;
+    const float* c = coef_row(p, k, r);
     const float* s = sums + p.var[k] * p.G;
-    for (int64_t g = 0; g < p.G; ++g) total += c[g] * s[g];
+    for (int64_t g = 0; g < p.G; ++g) total += c[16 * g] * s[g];
   }
   if (p.rowptr) total += p.salient_sum(p, x, r);
   return total;
@@ -216,8 +221,8 @@ float row_scalar(const Plan& p, const float* x, const float* xv, const float* su
         m &= m - 1;
       }
     }
-    const float* c = p.coef + (k * p.N + r) * p.G;
-    for (int64_t g = 0; g < p.G; ++g) total += c[g] * partial[g];
+    const float* c = coef_row(p, k, r);
+    for (int64_t g = 0; g < p.G; ++g) total += c[16 * g] * partial[g];
   }
   return total + row_tail(p, x, sums, r);
 }
@@ -303,7 +308,7 @@ __attribute__((target("avx2,fma"))) float row_avx2(const Plan& p, const float* x
     for (int k = 0; k < NB; ++k) {
       __m256 s = acc[k][0];
       for (int a = 1; a < NACC; ++a) s = _mm256_add_ps(s, acc[k][a]);
-      out = _mm256_fmadd_ps(_mm256_set1_ps(p.coef[(k * p.N + r) * p.G + g]), s, out);
+      out = _mm256_fmadd_ps(_mm256_set1_ps(coef_row(p, k, r)[16 * g]), s, out);
     }
   }
   return hsum256(out) + row_tail(p, x, sums, r);
@@ -337,7 +342,7 @@ __attribute__((target("avx512f"))) float row_avx512(const Plan& p, const float* 
     for (int k = 0; k < NB; ++k) {
       __m512 s = acc[k][0];
       for (int a = 1; a < NACC; ++a) s = _mm512_add_ps(s, acc[k][a]);
-      out = _mm512_fmadd_ps(_mm512_set1_ps(p.coef[(k * p.N + r) * p.G + g]), s, out);
+      out = _mm512_fmadd_ps(_mm512_set1_ps(coef_row(p, k, r)[16 * g]), s, out);
     }
   }
   return hsum512(out) + row_tail(p, x, sums, r);
@@ -443,7 +448,9 @@ __attribute__((target("avx2,fma"))) void tile_lut(const Plan& p, const float* x,
   TilePlanes tp[NB];
   for (int k = 0; k < NB; ++k) tp[k].init(p, k, t);
   const int64_t r0 = 16 * t, rows = std::min<int64_t>(16, p.N - r0);
-  alignas(32) float y[16] = {0.f}, part[16];
+  // The tile's 16 coefficients of a (product, group) are adjacent, so each scales its group sums
+  // with two vector FMAs; a constant product's group sum is shared by the rows: one broadcast each.
+  __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t w0 = g * p.gwords, w1 = std::min(p.W64, w0 + p.gwords);
     for (int k = 0; k < NB; ++k) {
@@ -457,13 +464,24 @@ __attribute__((target("avx2,fma"))) void tile_lut(const Plan& p, const float* x,
         s0 = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(a0), s0);
         s1 = _mm256_fmadd_ps(sw, _mm256_cvtepi32_ps(a1), s1);
       }
-      _mm256_store_ps(part, s0);
-      _mm256_store_ps(part + 8, s1);
-      const float* c = p.coef + (k * p.N + r0) * p.G + g;
-      for (int64_t i = 0; i < rows; ++i) y[i] += c[i * p.G] * part[i];
+      const float* c = coef_row(p, k, r0) + 16 * g;
+      y0 = _mm256_fmadd_ps(_mm256_loadu_ps(c), s0, y0);
+      y1 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 8), s1, y1);
     }
   }
-  for (int64_t i = 0; i < rows; ++i) out[r0 + i] = y[i] + row_tail(p, x, sums, r0 + i);
+  for (int64_t k = NB; k < p.NP; ++k) {
+    const float* c = coef_row(p, k, r0);
+    const float* s = sums + p.var[k] * p.G;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const __m256 sg = _mm256_set1_ps(s[g]);
+      y0 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 16 * g), sg, y0);
+      y1 = _mm256_fmadd_ps(_mm256_loadu_ps(c + 16 * g + 8), sg, y1);
+    }
+  }
+  alignas(32) float y[16];
+  _mm256_store_ps(y, y0);
+  _mm256_store_ps(y + 8, y1);
+  for (int64_t i = 0; i < rows; ++i) out[r0 + i] = p.rowptr ? y[i] + p.salient_sum(p, x, r0 + i) : y[i];
 }
 
 using TileFn = void (*)(const Plan&, const float*, const uint8_t*, const float*, const float*, int64_t, float*);
@@ -565,8 +583,9 @@ Plan make_plan(const PlanTensors& tensors, const PlanInts& ints) {
               "out_features and in_features do not match the planes");
   TORCH_CHECK(a.colw.dtype() == at::kFloat && a.colw.is_contiguous() && a.colw.size(1) == a.planes.size(2) * 8,
               "colw: float32 (V, Kpad)");
-  TORCH_CHECK(a.coef.dtype() == at::kFloat && a.coef.is_contiguous() && a.coef.size(1) == a.planes.size(1),
-              "coef: float32 (NP, N, G)");
+  TORCH_CHECK(a.coef.dtype() == at::kFloat && a.coef.is_contiguous() && a.coef.dim() == 4 &&
+              a.coef.size(1) == (a.planes.size(1) + 15) / 16 && a.coef.size(3) == 16,
+              "coef: contiguous float32 (NP, ceil(N / 16), G, 16)");
   TORCH_CHECK(a.prod_var.dtype() == at::kInt && a.prod_mono.dtype() == at::kInt && a.prod_var.numel() == a.coef.size(0),
               "products");
   TORCH_CHECK(a.planes.size(0) <= MAX_PLANES, "at most 16 planes");
@@ -759,12 +778,12 @@ void decode_row_scalar(const Plan& p, int64_t r, float* row) {
   std::fill(row, row + p.Kpad, 0.f);
   for (int64_t k = 0; k < p.NP; ++k) {
     const float* cw = p.colw + p.var[k] * p.Kpad;
-    const float* c = p.coef + (k * p.N + r) * p.G;
+    const float* c = coef_row(p, k, r);
     for (int64_t w = 0; w < p.W64; ++w) {
       const uint64_t m = k >= p.NB ? ~uint64_t(0) : product_word_generic(p, (int)k, r, w);
       const int64_t cend = std::min<int64_t>(64, p.K - w * 64);
       for (int64_t i = 0; i < cend; ++i)
-        if (m >> i & 1) row[w * 64 + i] += c[(w * 64 + i) / p.gs] * cw[w * 64 + i];
+        if (m >> i & 1) row[w * 64 + i] += c[16 * ((w * 64 + i) / p.gs)] * cw[w * 64 + i];
     }
   }
 }
@@ -779,10 +798,10 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const Plan& p, int64_t 
   std::fill(row, row + p.Kpad, 0.f);
   for (int64_t k = 0; k < p.NP; ++k) {
     const float* cw = p.colw + p.var[k] * p.Kpad;
-    const float* c = p.coef + (k * p.N + r) * p.G;
+    const float* c = coef_row(p, k, r);
     const bool constant = k >= p.NB;
     for (int64_t w = 0; w < p.W64; ++w) {
-      const __m256 cb = _mm256_set1_ps(c[w / p.gwords]);
+      const __m256 cb = _mm256_set1_ps(c[16 * (w / p.gwords)]);
       const uint64_t m = constant ? ~uint64_t(0) : product_word_generic(p, (int)k, r, w);
       for (int half = 0; half < 2; ++half) {
         const __m256i b = _mm256_set1_epi32((int32_t)(uint32_t)(m >> (32 * half)));

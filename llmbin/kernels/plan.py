@@ -71,7 +71,7 @@ class KernelPlan:
     colw: torch.Tensor  # float32 (V, row_bytes * 8), zero past K
     prod_var: torch.Tensor  # int32 (NP,) which colw row each product uses
     prod_mono: torch.Tensor  # int32 (NP,) plane-set bit mask; products with mask 0 come last
-    coef: torch.Tensor  # float32 (NP, N, G)
+    coef: torch.Tensor  # float32 (NP, ceil(N / 16), G, 16): tile-major, rows past N zero; coef_by_row() is (NP, N, G)
     # Salient corrections (all empty when there is no salient part), in one of three forms:
     # deltas: sal_rowptr (N + 1,) CSR over rows, sal_val float32 deltas, sal_row empty;
     # codes: sal_rowptr (2N + 1,): row r's b = 1 entries, then its b = 0 entries; sal_val uint8
@@ -99,7 +99,12 @@ class KernelPlan:
 
     @property
     def num_groups(self) -> int:
-        return self.coef.shape[-1]
+        return self.coef.shape[2]
+
+    def coef_by_row(self) -> torch.Tensor:
+        """The coefficients as ``coef[k, r, g]`` of the formula, (NP, N, G) (a view where it can be)."""
+        NP, NT, G, _ = self.coef.shape
+        return self.coef.transpose(2, 3).reshape(NP, NT * 16, G)[:, : self.out_features]
 
     def op_args(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
         """``(tensors, integers)``: the plan as ``llmbin::packed_linear`` and the C++ entry points
@@ -142,6 +147,17 @@ def tile_planes(planes: torch.Tensor) -> torch.Tensor:
     nib = nib.view(P, NT, 16, W, 4, 4)  # (P, tile, row, word, step, group in step)
     lanes = torch.stack((nib[..., 0] | nib[..., 2] << 4, nib[..., 1] | nib[..., 3] << 4), dim=-1)
     return lanes.permute(0, 1, 3, 4, 5, 2).reshape(P, NT, W, 128).contiguous()
+
+
+def tile_coef(coef: torch.Tensor) -> torch.Tensor:
+    """(NP, N, G) coefficients in the kernels' tile-major layout, (NP, ceil(N / 16), G, 16): the table-lookup
+    loop scales a 16-row tile's group sums with one contiguous 64-byte load, and a row's coefficients are
+    16 floats apart. Rows past N are zero."""
+    NP, N, G = coef.shape
+    NT = -(-N // 16)
+    padded = torch.zeros(NP, NT * 16, G, dtype=coef.dtype, device=coef.device)
+    padded[:, :N] = coef
+    return padded.view(NP, NT, 16, G).transpose(2, 3).contiguous()
 
 
 def _class_factors(pw: PackedWeight) -> list[tuple[str, Poly]]:
@@ -215,7 +231,7 @@ def build_plan(pw: PackedWeight, *, tiles: bool = True, salient_stream: bool = F
                       tiles=tile_planes(pw.planes) if tiles else empty(0, dtype=torch.uint8), colw=colw,
                       prod_var=torch.tensor([v for v, _ in keys], dtype=torch.int32, device=device),
                       prod_mono=torch.tensor([m for _, m in keys], dtype=torch.int32, device=device),
-                      coef=coef.contiguous(), sal_rowptr=empty(0, dtype=torch.int64), sal_col=empty(0, dtype=torch.int16),
+                      coef=tile_coef(coef), sal_rowptr=empty(0, dtype=torch.int64), sal_col=empty(0, dtype=torch.int16),
                       sal_val=empty(0), sal_row=empty(0, 4))
     if pw.salient is not None:
         stream = salient_stream and pw.salient.encoding == NIBBLE_GAP and _salient_codes_fit(plan, pw)
@@ -226,8 +242,9 @@ def build_plan(pw: PackedWeight, *, tiles: bool = True, salient_stream: bool = F
 def _salient_rows(plan: KernelPlan, pw: PackedWeight) -> torch.Tensor:
     """(N, 4) float32: (scale, base) of each row's b = 1 salient part, then of its b = 0 part.
     The formula there is ``slope · b + offset``; the salient weight is ``(2b − 1) · m · scale``."""
-    slope = plan.coef[: plan.n_bit_products, :, 0].sum(0)
-    offset = plan.coef[plan.n_bit_products:, :, 0].sum(0)
+    coef = plan.coef_by_row()
+    slope = coef[: plan.n_bit_products, :, 0].sum(0)
+    offset = coef[plan.n_bit_products:, :, 0].sum(0)
     scale = pw.salient.scale.float()
     return torch.stack((scale, -(slope + offset), -scale, -offset), dim=1).contiguous()
 
@@ -281,13 +298,14 @@ def plan_decode(plan: KernelPlan, dtype: torch.dtype = torch.float32) -> torch.T
     N, K = plan.shape
     bits = unpack_bits(plan.planes, K).to(dtype)
     W = torch.zeros(N, K, dtype=dtype, device=plan.planes.device)
-    for k in range(plan.coef.shape[0]):
+    by_row = plan.coef_by_row()
+    for k in range(by_row.shape[0]):
         mono, var = int(plan.prod_mono[k]), int(plan.prod_var[k])
         prod = torch.ones(N, K, dtype=dtype, device=W.device)
         for p in range(bits.shape[0]):
             if mono >> p & 1:
                 prod = prod * bits[p]
-        coef = plan.coef[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
+        coef = by_row[k].to(dtype).repeat_interleave(plan.group_size, dim=-1)[:, :K]
         W = W + coef * plan.colw[var, :K].to(dtype) * prod
     if plan.salient_stream:
         pos = decode_positions(NIBBLE_GAP, plan.sal_col, (N, K))

@@ -56,8 +56,8 @@ def _kernels():
                                        mask=tile_ok, other=0)
                         prod = prod & ((byte.to(tl.int32) >> (cols[None, :] % 8)) & 1)
                 colw = tl.load(colw_ptr + var * Kpad + cols, mask=col_ok, other=0.0)
-                coef = tl.load(coef_ptr + (k * N + rows[:, None]) * G + cols[None, :] // group_size, mask=tile_ok,
-                               other=0.0)
+                coef = tl.load(coef_ptr + ((k * ((N + 15) // 16) + rows[:, None] // 16) * G + cols[None, :] // group_size)
+                               * 16 + rows[:, None] % 16, mask=tile_ok, other=0.0)  # tile-major (plan.tile_coef)
                 w += coef * colw[None, :] * prod.to(tl.float32)
             if USE_DOT:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llmbin.config import available_methods, make_config
-from llmbin.kernels.plan import build_plan, plan_decode, tile_planes
+from llmbin.kernels.plan import build_plan, plan_decode, tile_coef, tile_planes
 from llmbin.packing.bitpack import unpack_bits
 from llmbin.packing.packed_weight import PackedWeight
 from llmbin.registry import method_function
@@ -55,10 +55,24 @@ def test_tiles_hold_exactly_the_planes_bits(N, K):
     assert not _untile(tiles, N)[..., K:].any()
 
 
+@pytest.mark.parametrize("N", [1, 16, 37])
+def test_coefficients_are_tile_major_with_zero_rows_past_n(N):
+    # the table-lookup loop reads a 16-row tile's coefficients of one group as one 64-byte vector
+    coef = torch.randn(3, N, 5)
+    tiled = tile_coef(coef)
+    assert tiled.shape == (3, -(-N // 16), 5, 16) and tiled.is_contiguous()
+    for r in range(N):
+        assert torch.equal(tiled[:, r // 16, :, r % 16], coef[:, r])
+    assert not tiled.transpose(2, 3).reshape(3, -1, 5)[:, N:].any()
+    plan = build_plan(random_packed("dual (db-llm)", N, 70, 64))
+    assert plan.coef.shape == (plan.coef.shape[0], -(-N // 16), 2, 16)
+    assert torch.equal(tile_coef(plan.coef_by_row()), plan.coef)
+
+
 def test_products_expand_signs_and_classes_into_plane_monomials():
     plan = build_plan(random_packed("sign+mean", 3, 70, 70))
     assert plan.prod_mono.tolist() == [1, 0] and plan.n_bit_products == 1  # 2αb, then (μ − α)·1
-    torch.testing.assert_close(plan.coef[0], 2 * random_packed("sign+mean", 3, 70, 70).alpha[0].float())
+    torch.testing.assert_close(plan.coef_by_row()[0], 2 * random_packed("sign+mean", 3, 70, 70).alpha[0].float())
     billm = build_plan(random_packed("billm", 3, 70, 64))
     # planes 0 and 1 and their product, in the unmasked columns and the masked ones; no negated literals
     assert sorted(set(billm.prod_mono.tolist())) == [0, 1, 2, 3] and billm.colw.shape[0] == 2

@@ -1,0 +1,92 @@
+"""Batch-1 speed of the packed layers of one decode step, by checkpoint layout, on a real model's shapes.
+
+``eval/kernel_benchmark.py`` times one layout (a sign plane with a scale per row) on Llama and
+SmolLM2 shapes. Decode speed depends on the layout too: groups of 64 columns give each 16-row tile
+a coefficient per group and product, and a mean adds a constant product. This script builds
+random packed layers of a given layout for every linear of one decoder block (Qwen2.5-1.5B by
+default: q/o 1536 x 1536, k/v 256 x 1536, gate/up 8960 x 1536, down 1536 x 8960), times
+``BinaryLinear`` calls at batch 1 (the model's path: plan built once, then the operator), each
+layer cycling through enough copies to exceed twice the last-level cache, and reports the median
+microseconds per call and the packed layers' milliseconds per decode step (blocks x the block's sum).
+The values are random: speed depends only on the layout and the shapes.
+
+    python eval/layout_speed.py --json runs/layout-speed.json
+
+To compare two versions of the kernels, run the same script against each tree
+(``PYTHONPATH=OTHER_TREE python eval/layout_speed.py``), one after the other on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+from kernel_benchmark import copies_for, last_level_cache_bytes, time_calls
+
+QWEN_BLOCK = {"q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),
+              "gate_proj": (8960, 1536), "up_proj": (8960, 1536), "down_proj": (1536, 8960)}
+LAYOUTS = {  # name: (planes, group size (0: one group per row), with a mean)
+    "binary-g64 (1 plane, alpha and mu per 64 columns)": (1, 64, True),
+    "fdb-g64 (2 planes, alpha per 64 columns each, mu)": (2, 64, True),
+    "sign per row (1 plane, alpha per row)": (1, 0, False),
+}
+
+
+def random_layer(planes: int, group_size: int, mean: bool, N: int, K: int, seed: int):
+    from llmbin.nn import BinaryLinear
+    from llmbin.packing.packed_weight import PackedWeight
+
+    g = torch.Generator().manual_seed(seed)
+    gs = group_size or K
+    G = -(-K // gs)
+    bits = torch.rand(planes, N, K, generator=g) < 0.5
+    alpha = torch.rand(planes, N, G, generator=g) + 0.1
+    mu = torch.randn(1, N, G, generator=g) * 0.3 if mean else None
+    pw = PackedWeight.from_codes(bits, alpha, mu, gs, terms=[(p, 0) for p in range(planes)], means=[0] if mean else [])
+    return BinaryLinear(pw)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--blocks", type=int, default=28, help="decoder blocks per step (Qwen2.5-1.5B: 28)")
+    p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    import llmbin
+
+    llc = last_level_cache_bytes()
+    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "llmbin": os.path.dirname(llmbin.__file__), "blocks": args.blocks, "rows": []}
+    for name in args.layouts:
+        planes, group_size, mean = LAYOUTS[name]
+        block_us = 0.0
+        for layer_name, (N, K) in QWEN_BLOCK.items():
+            first = random_layer(planes, group_size, mean, N, K, 0)
+            first(torch.randn(1, K))  # the plan, built once as a loaded model does on its first call
+            nbytes = first.kernel_plan().planes.nbytes + first.kernel_plan().nbytes()
+            layers = [first] + [random_layer(planes, group_size, mean, N, K, i) for i in range(1, copies_for(nbytes, llc))]
+            for layer in layers:
+                layer(torch.randn(1, K))
+            inputs = [torch.randn(1, K) for _ in range(8)]
+            with torch.inference_mode():
+                seconds = time_calls(lambda x, layer: layer(x), layers, inputs, args.min_seconds)
+            block_us += seconds * 1e6
+            row = {"layout": name, "layer": layer_name, "N": N, "K": K, "us": seconds * 1e6,
+                   "plan_bytes": nbytes, "GBps": nbytes / seconds / 1e9, "copies": len(layers)}
+            result["rows"].append(row)
+            print(f"{name[:12]:12s} {layer_name:9s} {N:5d}x{K:<5d} {row['us']:8.1f} us  {row['GBps']:5.1f} GB/s of plan",
+                  flush=True)
+        step_ms = block_us * args.blocks / 1e3
+        result["rows"].append({"layout": name, "layer": "decode step", "ms": step_ms})
+        print(f"{name}: {step_ms:.2f} ms of packed layers per decode step ({args.blocks} blocks)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
