@@ -19,6 +19,12 @@ Contenders (``--run``, repeatable; all of them by default):
 * ``float-bf16-fast``: the same with llmbin's fast path (static cache, compiled decode step);
 * ``NAME``, ``NAME-fast`` for each ``--checkpoint NAME=DIR``: the packed checkpoint (float parts in
   fp32, 16-bit tensors served as stored), eager and with ``llmbin.prepare_decode``;
+* ``layout:SPEC``, ``layout:SPEC-fast`` for each ``--layout SPEC``: ``--model`` with every block
+  linear replaced by random codes of a recipe's layout (``eval/layout_speed.py``: ``LAYOUT`` or
+  ``LAYOUT+tables8`` for the embedding and output matrix as 8-bit tables, ``--embedding-bits 8``),
+  then rounded to storage and served as a loaded checkpoint is. For speed only: its tokens are
+  nonsense, and it needs no calibrated checkpoint (a real model's shapes, or a 7B-shaped folder of
+  ``eval/random_checkpoint.py``);
 * ``gguf:NAME`` for each ``--gguf NAME=FILE``, and ``gguf:TYPE`` for each of ``--gguf-types`` (the
   files ``eval/llamacpp_peer.py quantize`` made of ``--model``: block linears in TYPE, embedding and
   output matrix in F16 as llmbin keeps them): ``llama-bench -p 512 -n 128 -t THREADS`` on that file
@@ -82,7 +88,33 @@ def prompt_ids(tokenizer, tokens: int):
     return ids
 
 
-def llmbin_worker(kind: str, target: str, threads: int, repeats: int) -> dict:
+def layout_model(model_name: str, spec: str):
+    """``--model`` in float32 with every block linear random codes of ``spec`` (``LAYOUT[+tablesBITS]``),
+    finished as ``llmbin.quantize`` finishes a model (tables, storage rounding, 16-bit serving)."""
+    import torch
+
+    from llmbin.checkpoint.io import round_to_storage
+    from llmbin.checkpoint.tensors import STORAGE_DTYPE
+    from llmbin.models import load_model
+    from llmbin.nn.half_weights import serve_half_weights
+    from llmbin.nn.table_weights import quantize_tables
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from layout_speed import LAYOUTS, random_layout
+
+    layout, _, table_bits = spec.partition("+tables")
+    if layout not in LAYOUTS:
+        sys.exit(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    model, tokenizer = load_model(model_name, torch.float32)
+    random_layout(model, layout)
+    if table_bits:
+        quantize_tables(model, int(table_bits), 64)
+    round_to_storage(model)
+    serve_half_weights(model, STORAGE_DTYPE)
+    return model, tokenizer
+
+
+def llmbin_worker(kind: str, target: str, threads: int, repeats: int, model_name: str = "") -> dict:
     """One llmbin / transformers contender, in this process."""
     import torch
 
@@ -96,6 +128,8 @@ def llmbin_worker(kind: str, target: str, threads: int, repeats: int) -> dict:
     if kind.startswith("float-"):
         dtype = torch.bfloat16 if "bf16" in kind else torch.float32
         model, tokenizer = load_model(target, dtype)
+    elif kind.startswith("layout"):
+        model, tokenizer = layout_model(model_name, target)
     else:
         model, tokenizer = llmbin.load(target, dtype=torch.float32), load_tokenizer(Path(target))
     model.eval()
@@ -219,6 +253,8 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=Path("runs/decode"))
     p.add_argument("--model", default="smollm2-135m", help="the original model (llmbin's --model)")
     p.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR: a packed checkpoint of --model")
+    p.add_argument("--layout", action="append", default=[],
+                   help="LAYOUT[+tables8]: --model with random codes of a recipe's layout (speed only)")
     p.add_argument("--gguf", action="append", default=[], help="NAME=FILE: a llama.cpp file of the same weights")
     p.add_argument("--llamacpp", type=Path, help="eval/llamacpp_peer.py's --dir (for llama-bench)")
     p.add_argument("--gguf-types", default="", help="TYPE,...: the files eval/llamacpp_peer.py quantize made of "
@@ -230,7 +266,7 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(llmbin_worker(*args.worker, args.threads, args.repeats)))
+        print(json.dumps(llmbin_worker(*args.worker, args.threads, args.repeats, args.model)))
         return
     contenders = {"float-fp32": ("float-fp32", args.model), "float-bf16": ("float-bf16", args.model),
                   "float-bf16-fast": ("float-bf16-fast", args.model)}
@@ -238,6 +274,9 @@ def main() -> None:
         name, directory = spec.split("=", 1)
         contenders[name] = ("packed", directory)
         contenders[f"{name}-fast"] = ("packed-fast", directory)
+    for spec in args.layout:
+        contenders[f"layout:{spec}"] = ("layout", spec)
+        contenders[f"layout:{spec}-fast"] = ("layout-fast", spec)
     for spec in args.gguf:
         name, path = spec.split("=", 1)
         contenders[f"gguf:{name}"] = ("gguf", path)
@@ -262,7 +301,7 @@ def main() -> None:
                                args.repeats)
         else:
             out = subprocess.run([sys.executable, __file__, "--worker", kind, target, "--threads", str(args.threads),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True,
+                                  "--repeats", str(args.repeats), "--model", args.model], capture_output=True, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if out.returncode:
                 sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
@@ -272,7 +311,7 @@ def main() -> None:
         print(f"{name}: prefill {row['prefill_tokens_per_s']:.1f}, decode {row['decode_tokens_per_s']:.1f} tokens/s",
               flush=True)
     rows = {f.stem: json.loads(f.read_text()) for f in sorted(saved.glob("*.json"))}
-    rows = {name.replace("gguf-", "gguf:", 1): row for name, row in rows.items()}
+    rows = {name.replace("gguf-", "gguf:", 1).replace("layout-", "layout:", 1): row for name, row in rows.items()}
     result = {"model": args.model, "threads": args.threads, "repeats": args.repeats,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "copy_bandwidth_gbs": copy_bandwidth(), "rows": rows,

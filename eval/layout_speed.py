@@ -8,7 +8,9 @@ default: q/o 1536 x 1536, k/v 256 x 1536, gate/up 8960 x 1536, down 1536 x 8960)
 ``BinaryLinear`` calls at batch 1 (the model's path: plan built once, then the operator), each
 layer cycling through enough copies to exceed twice the last-level cache, and reports the median
 microseconds per call and the packed layers' milliseconds per decode step (blocks x the block's sum).
-The values are random: speed depends only on the layout and the shapes.
+The values are random: speed depends only on the layout and the shapes. ``random_layout`` puts
+such layers into a whole float model (``eval/decode_benchmark.py --layout``), for decode rows of
+layouts and shapes that have no calibrated checkpoint here.
 
     python eval/layout_speed.py --json runs/layout-speed.json
 
@@ -18,6 +20,7 @@ To compare two versions of the kernels, run the same script against each tree
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,30 +30,57 @@ from kernel_benchmark import copies_for, last_level_cache_bytes, time_calls
 
 QWEN_BLOCK = {"q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),
               "gate_proj": (8960, 1536), "up_proj": (8960, 1536), "down_proj": (1536, 8960)}
-LAYOUTS = {  # name: (planes, group size (0: one group per row), with a mean)
-    "binary-g64 (1 plane, alpha and mu per 64 columns)": (1, 64, True),
-    "fdb-g64 (2 planes, alpha per 64 columns each, mu)": (2, 64, True),
-    "sign per row (1 plane, alpha per row)": (1, 0, False),
+LAYOUTS = {  # the layouts of published recipes: (planes, group size (0: one group per row), a mean, rotated input)
+    "binary-g64": (1, 64, True, False),  # binary-g64-rotated without its rotation: 1.5 bits
+    "binary-g64-rotated": (1, 64, True, True),
+    "db-llm-fdb": (2, 0, True, False),  # FDB: two planes, α per plane and μ per row, about 2.02 bits
+    "db-llm-fdb-rotate-input": (2, 0, True, True),  # the Qwen page's best point at about 2 bits
+    "sign-per-row": (1, 0, False, False),  # rtn-sign and BinaryLinear.from_float
 }
 
 
-def random_layer(planes: int, group_size: int, mean: bool, N: int, K: int, seed: int):
-    from llmbin.nn import BinaryLinear
+def random_packed(layout: str, N: int, K: int, seed: int):
+    """A ``PackedWeight`` of ``layout`` with random codes and scales (speed depends only on the layout)."""
     from llmbin.packing.packed_weight import PackedWeight
+    from llmbin.packing.rotation import LayerRotation
 
+    planes, group_size, mean, rotated = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
     gs = group_size or K
     G = -(-K // gs)
     bits = torch.rand(planes, N, K, generator=g) < 0.5
-    alpha = torch.rand(planes, N, G, generator=g) + 0.1
-    mu = torch.randn(1, N, G, generator=g) * 0.3 if mean else None
+    alpha = (torch.rand(planes, N, G, generator=g) + 0.1) * 0.02
+    mu = torch.randn(1, N, G, generator=g) * 0.002 if mean else None
     pw = PackedWeight.from_codes(bits, alpha, mu, gs, terms=[(p, 0) for p in range(planes)], means=[0] if mean else [])
-    return BinaryLinear(pw)
+    return dataclasses.replace(pw, rotation=LayerRotation(seed)) if rotated else pw
+
+
+def random_layer(layout: str, N: int, K: int, seed: int, bias: torch.Tensor | None = None):
+    from llmbin.nn import BinaryLinear
+
+    return BinaryLinear(random_packed(layout, N, K, seed), bias)
+
+
+@torch.no_grad()
+def random_layout(model: torch.nn.Module, layout: str) -> int:
+    """Replace every linear of every decoder block of a float model by a random packed layer of
+    ``layout`` (biases kept): a model with the layout's speed, and nonsense outputs. Returns the count."""
+    from llmbin.models import decoder_layers, linear_layers
+    from llmbin.nn.tree import set_submodule
+
+    count = 0
+    for index, block in enumerate(decoder_layers(model)):
+        for name, linear in linear_layers(block).items():
+            N, K = linear.weight.shape
+            bias = None if linear.bias is None else linear.bias.detach().float().clone()
+            set_submodule(block, name, random_layer(layout, N, K, seed=1000 * index + count, bias=bias))
+            count += 1
+    return count
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["binary-g64", "db-llm-fdb", "sign-per-row"])
     p.add_argument("--blocks", type=int, default=28, help="decoder blocks per step (Qwen2.5-1.5B: 28)")
     p.add_argument("--min-seconds", type=float, default=1.0)
     p.add_argument("--json")
@@ -62,13 +92,12 @@ def main() -> None:
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "llmbin": os.path.dirname(llmbin.__file__), "blocks": args.blocks, "rows": []}
     for name in args.layouts:
-        planes, group_size, mean = LAYOUTS[name]
         block_us = 0.0
         for layer_name, (N, K) in QWEN_BLOCK.items():
-            first = random_layer(planes, group_size, mean, N, K, 0)
+            first = random_layer(name, N, K, 0)
             first(torch.randn(1, K))  # the plan, built once as a loaded model does on its first call
             nbytes = first.kernel_plan().planes.nbytes + first.kernel_plan().nbytes()
-            layers = [first] + [random_layer(planes, group_size, mean, N, K, i) for i in range(1, copies_for(nbytes, llc))]
+            layers = [first] + [random_layer(name, N, K, i) for i in range(1, copies_for(nbytes, llc))]
             for layer in layers:
                 layer(torch.randn(1, K))
             inputs = [torch.randn(1, K) for _ in range(8)]
@@ -78,7 +107,7 @@ def main() -> None:
             row = {"layout": name, "layer": layer_name, "N": N, "K": K, "us": seconds * 1e6,
                    "plan_bytes": nbytes, "GBps": nbytes / seconds / 1e9, "copies": len(layers)}
             result["rows"].append(row)
-            print(f"{name[:12]:12s} {layer_name:9s} {N:5d}x{K:<5d} {row['us']:8.1f} us  {row['GBps']:5.1f} GB/s of plan",
+            print(f"{name:18s} {layer_name:9s} {N:5d}x{K:<5d} {row['us']:8.1f} us  {row['GBps']:5.1f} GB/s of plan",
                   flush=True)
         step_ms = block_us * args.blocks / 1e3
         result["rows"].append({"layout": name, "layer": "decode step", "ms": step_ms})
