@@ -102,7 +102,7 @@ class KernelPlan:
         return self.coef.shape[2]
 
     def coef_by_row(self) -> torch.Tensor:
-        """The coefficients as ``coef[k, r, g]`` of the formula, (NP, N, G) (a view where it can be)."""
+        """The coefficients as ``coef[k, r, g]`` of the formula, (NP, N, G) (a copy: for checks and lowering, not kernels)."""
         NP, NT, G, _ = self.coef.shape
         return self.coef.transpose(2, 3).reshape(NP, NT * 16, G)[:, : self.out_features]
 
