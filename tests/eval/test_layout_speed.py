@@ -21,6 +21,7 @@ def _layouts(model):
     ("db-llm-fdb", "db-llm-fdb", {}), ("db-llm-fdb-rotate-input", "db-llm-fdb", {"rotate": "input"}),
     ("sign-per-row", "rtn-sign", {})])
 def test_a_random_layout_stores_what_its_recipe_stores(layout, recipe, options):
+    # every layout is checked against a recipe here: a new one needs its row above
     assert set(LAYOUTS) == {"binary-g64", "binary-g64-rotated", "db-llm-fdb", "db-llm-fdb-rotate-input", "sign-per-row"}
     calibration = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     fitted = quantize(tiny_untied_qwen2(), recipe_config(recipe, **options), calibration, progress=False)
