@@ -23,6 +23,13 @@ window's activations), ``tune_steps`` steps through the windows in a seeded orde
 step size is ``tune_lr`` times its mean magnitude before tuning, since α (about 1e-2) and a norm
 weight (about 1) need steps of their own scale. The tuned values are rounded to the checkpoint's
 fp16 at the end, so the outputs propagated to the next block are the saved model's.
+
+Under torch.distributed each rank holds its own windows (``llmbin.distributed``'s chunks). A step's
+windows are drawn from all of them in the same seeded order; each window's gradient is computed by
+the rank that holds it, sent to every rank, and the gradients are added in the step's order, the
+additions a single process makes as it accumulates them. So every rank takes the same Adam step, and
+the tuned block is bit-identical at any world size. The ranks work in parallel only within a step:
+with ``tune_batch`` 1 (the default) the stage runs at one process's speed.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .nn.binary_linear import BinaryLinear
 from .packing.packed_weight import STORAGE_DTYPE
 
@@ -113,35 +121,88 @@ def block_error(block: nn.Module, inputs, targets, kwargs, *, device, windows=No
     return total / len(windows)
 
 
+def _step_gradients(block_loss, leaves, part: list[int], slot: dict[int, int], ranks: distributed.Ranks,
+                    device) -> float:
+    """One step's gradients under torch.distributed: each of ``part``'s windows (global indices) run
+    on the rank that holds it (``slot``: window -> its place in this rank's buffers), every
+    gradient sent to every rank, and summed into the leaves' ``.grad`` in ``part``'s order, as
+    ``backward`` accumulates them in one process. Returns the step's loss."""
+    names = list(leaves)
+    mine: dict[str, torch.Tensor] = {}
+    losses: dict[str, float] = {}
+    for position, window in enumerate(part):
+        if window in slot:
+            loss = block_loss(slot[window])
+            loss.backward()
+            for name in names:
+                grad = leaves[name][0].grad
+                if grad is not None:
+                    mine[f"{position}/{name}"] = grad
+                leaves[name][0].grad = None
+            losses[str(position)] = float(loss.detach())
+    grads, step_losses = {}, {}
+    for rank in sorted({distributed.window_owner(w, ranks) for w in part}):
+        tensors, info = distributed.broadcast(mine if rank == ranks.rank else None,
+                                              {"losses": losses} if rank == ranks.rank else None, rank, ranks, device)
+        grads.update(tensors)
+        step_losses.update(info["losses"])
+    total = 0.0
+    for position in range(len(part)):
+        total += step_losses[str(position)]
+        for name in names:
+            grad = grads.get(f"{position}/{name}")
+            if grad is None:
+                continue
+            leaf = leaves[name][0]
+            if leaf.grad is None:
+                leaf.grad = grad.clone()
+            else:
+                leaf.grad += grad
+    return total
+
+
 def tune_block(block: nn.Module, inputs, targets, kwargs: dict, *, steps: int, batch: int, lr: float,
-               device: torch.device | str, seed: int = 0) -> dict:
+               device: torch.device | str, seed: int = 0, windows: int | None = None,
+               ranks: distributed.Ranks = distributed.SINGLE) -> dict:
     """Tune ``block`` in place so that ``block(inputs[i])`` follows ``targets[i]`` (both indexable
-    buffers of per-window activations, e.g. the driver's stores). Returns the mean loss of the first
-    and of the last steps (about one pass over the windows each) and the seconds taken."""
+    buffers of per-window activations, e.g. the driver's stores). Under torch.distributed
+    (``ranks``) the buffers hold this rank's share of the ``windows`` calibration windows
+    (``distributed.own_windows``, in order). Returns the mean loss of the first and of the last
+    steps (about one pass over the windows each) and the seconds taken."""
     start = time.perf_counter()
     device = torch.device(device)
+    windows = len(inputs) if windows is None else windows
     leaves = make_leaves(block)
     groups = [{"params": [leaf], "lr": lr * float(leaf.detach().abs().mean().clamp_min(1e-8))}
               for leaf, _ in leaves.values()]
     optimizer = torch.optim.Adam(groups)
-    order = torch.cat([torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed + epoch), device="cpu")
-                       for epoch in range(-(-steps * batch // len(inputs)))]).tolist()
+    order = torch.cat([torch.randperm(windows, generator=torch.Generator().manual_seed(seed + epoch), device="cpu")
+                       for epoch in range(-(-steps * batch // windows))]).tolist()
+    slot = {w: i for i, w in enumerate(distributed.own_windows(ranks, windows))}
+
+    def block_loss(i: int) -> torch.Tensor:
+        x = inputs[i].to(device=device, dtype=torch.float32)
+        target = targets[i].to(device=device, dtype=torch.float32)
+        return relative_error(_output(block(x, **kwargs)).float(), target) / batch
+
     losses = []
     try:
         with torch.enable_grad():
             for step in range(steps):
-                total = 0.0
-                for i in order[step * batch:(step + 1) * batch]:
-                    x = inputs[i].to(device=device, dtype=torch.float32)
-                    target = targets[i].to(device=device, dtype=torch.float32)
-                    loss = relative_error(_output(block(x, **kwargs)).float(), target) / batch
-                    loss.backward()
-                    total += float(loss.detach())
+                part = order[step * batch:(step + 1) * batch]
+                if ranks.distributed:
+                    total = _step_gradients(block_loss, leaves, part, slot, ranks, device)
+                else:
+                    total = 0.0
+                    for i in part:
+                        loss = block_loss(i)
+                        loss.backward()
+                        total += float(loss.detach())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(total)
     finally:
         freeze_leaves(block, leaves)
-    span = max(1, min(steps // 2, -(-len(inputs) // batch)))  # about one pass over the windows, at each end
+    span = max(1, min(steps // 2, -(-windows // batch)))  # about one pass over the windows, at each end
     return {"loss_first": sum(losses[:span]) / span, "loss_last": sum(losses[-span:]) / span,
             "seconds": time.perf_counter() - start}

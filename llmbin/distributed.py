@@ -131,6 +131,11 @@ def own_windows(ranks: Ranks, count: int) -> list[int]:
     return [w for c, part in enumerate(chunks(count)) if ranks.chunk_owner(c) == ranks.rank for w in part]
 
 
+def window_owner(window: int, ranks: Ranks) -> int:
+    """The rank that holds calibration window ``window``."""
+    return ranks.chunk_owner(window // CHUNK_WINDOWS)
+
+
 def check_world(ranks: Ranks, count: int) -> None:
     if ranks.world > len(chunks(count)):
         raise LlmbinError(f"{ranks.world} processes but {count} calibration windows make only {len(chunks(count))} "

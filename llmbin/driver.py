@@ -160,8 +160,6 @@ def quantize_blocks(
     caller to close (the end-to-end pass's targets); otherwise None is returned.
     """
     ranks = distributed.current()
-    if ranks.distributed and config.tune:
-        raise LlmbinError("--tune runs in one process for now; launch without torchrun, or quantize without --tune")
     placement = Placement(device, weights)
     blocks = decoder_layers(model)
     prefix = module_name(model, blocks)
@@ -213,7 +211,8 @@ def quantize_blocks(
                     bar.set_postfix_str("tuning")
                     stats["tune"][index] = tune_block(block, store, targets, kwargs, steps=config.tune_steps,
                                                       batch=config.tune_batch, lr=config.tune_lr,
-                                                      device=placement.device, seed=index)
+                                                      device=placement.device, seed=index,
+                                                      windows=len(calibration), ranks=ranks)
                     finished.update(tuned_outside_packed(block))
                 if on_block_done is not None:
                     on_block_done(index, finished)

@@ -102,6 +102,21 @@ def test_a_run_stopped_in_one_process_resumes_in_two_to_the_same_checkpoint(mode
     _same_checkpoint(out, one_process)
 
 
+def test_tuned_blocks_are_the_same_in_two_processes_and_resume_in_one(model_dir, text_file, tmp_path):
+    # 3 windows a step: a step's windows lie on both ranks, and the 5 steps run past the 12 windows
+    # into a second shuffled pass, so a step may hold one window twice
+    tune = ("--tune", "--tune-steps", "5", "--tune-batch", "3")
+    one, out = tmp_path / "one", tmp_path / "ckpt"
+    done = _run(1, model_dir, text_file, one, *tune)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _run(2, model_dir, text_file, out, *tune, "--stop-after-blocks", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _run(1, model_dir, text_file, out, *tune)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: blocks 0-1 of 3 are done" in resumed.stdout
+    _same_checkpoint(out, one)
+
+
 def test_more_processes_than_chunks_is_refused_by_name(model_dir, text_file, tmp_path):
     done = _run(2, model_dir, text_file, tmp_path / "ckpt", nsamples=4)
     assert done.returncode != 0
