@@ -7,6 +7,11 @@ Kronecker-factor products stand apart from attention's), and writes them as JSON
 
     python eval/decode_profile.py runs/qwen/binary-g64-rotated --json runs/profile-qwen.json
 
+or, without a checkpoint, of a model with random codes of a recipe's layout (``decode_benchmark.py
+--layout``; speed depends only on the layout)::
+
+    python eval/decode_profile.py --model QWEN.gguf --layout binary-g64-rotated+tables8
+
 Run it alone on the CPU: the profile is a timing.
 """
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_benchmark import prompt_ids
+from decode_benchmark import layout_model, prompt_ids
 
 CATEGORIES = ("packed layers", "16-bit or table layers", "rotations", "attention products",
               "compiled graph (fused kernels, wrapper)", "graph entry (guards)", "other")
@@ -45,7 +50,9 @@ def category(op: str, shapes: list) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?", help="an llmbin checkpoint (or --model and --layout)")
+    ap.add_argument("--model", help="with --layout: the original model (llmbin's --model)")
+    ap.add_argument("--layout", help="LAYOUT[+tables8]: --model with random codes of a recipe's layout")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated in the profiled call")
     ap.add_argument("--threads", type=int, default=2)
@@ -59,6 +66,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = ap.parse_args()
+    if (args.checkpoint is None) == (args.layout is None) or (args.layout is None) != (args.model is None):
+        ap.error("give a checkpoint, or --model and --layout")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -73,7 +82,11 @@ def main() -> None:
         import torch._inductor.config
 
         torch._inductor.config.cpp.enable_kernel_profile = True
-    model, tokenizer = llmbin.load(args.checkpoint, dtype=torch.float32), load_tokenizer(args.checkpoint)
+    if args.layout:
+        model, tokenizer = layout_model(args.model, args.layout)
+    else:
+        model, tokenizer = llmbin.load(args.checkpoint, dtype=torch.float32), load_tokenizer(args.checkpoint)
+    source = f"{args.model} as {args.layout}" if args.layout else str(args.checkpoint)
     model.eval()
     llmbin.prepare_decode(model, compile=not args.eager)
     for option in args.inductor_option:
@@ -103,7 +116,7 @@ def main() -> None:
 
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                       eos_token_id=None, do_sample=False, temperature=None, top_p=None, top_k=None,
                        streamer=StartAtFirstToken(), pad_token_id=pad)
         prof.stop()
     if args.trace:
@@ -118,7 +131,7 @@ def main() -> None:
                      "total_us_per_step": event.cpu_time_total / steps})
     rows.sort(key=lambda r: -r["self_us_per_step"])
     step_ms = 1e3 / timing["decode_tokens_per_s"]
-    print(f"{args.checkpoint}: decode {timing['decode_tokens_per_s']:.2f} tokens/s ({step_ms:.1f} ms a step) unprofiled, "
+    print(f"{source}: decode {timing['decode_tokens_per_s']:.2f} tokens/s ({step_ms:.1f} ms a step) unprofiled, "
           f"{profiled_ms:.1f} ms a step of self CPU time profiled; warm-up {warmup:.0f} s. Per decode step:")
     print(f"{'self us':>9} {'total us':>9} {'calls':>6}  op  shapes")
     for r in rows[:args.top]:
@@ -127,7 +140,7 @@ def main() -> None:
     print("by part, ms a step: " + ", ".join(f"{c} {ms:.1f}" for c, ms in parts.items()))
     if args.json:
         kept = [r for r in rows if r["self_us_per_step"] >= 1.0]
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "threads": args.threads,
+        args.json.write_text(json.dumps({"checkpoint": source, "threads": args.threads,
                                          "compiled": not args.eager, "prompt_tokens": args.prompt_tokens,
                                          "new_tokens": args.new_tokens, "warmup_seconds": warmup,
                                          "decode_tokens_per_s": timing["decode_tokens_per_s"],

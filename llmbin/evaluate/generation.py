@@ -51,8 +51,11 @@ def timed_generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, ech
 
 
 def time_decode(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int = 0) -> tuple[torch.Tensor, dict]:
-    """Exactly ``new_tokens`` greedy tokens after ``ids`` (end-of-text suppressed), timed as
-    :func:`timed_generate` times them: ``(all ids, timing)``. What a decode benchmark measures."""
+    """Exactly ``new_tokens`` greedy tokens after ``ids`` (an end-of-text token does not stop it),
+    timed as :func:`timed_generate` times them: ``(all ids, timing)``. What a decode benchmark
+    measures. Not ``min_new_tokens``: its logits processor masks the end-of-text ids over the whole
+    vocabulary at every step (1.6 ms of a 54 ms step for Qwen2.5's 151,936 tokens), work that
+    neither a user's generation nor llama-bench does."""
     return _timed(model, ids, new_tokens, _Clock(), pad_token_id, exact=True)
 
 
@@ -74,7 +77,7 @@ class _Clock(BaseStreamer):
 
 
 def _timed(model, ids, new_tokens: int, streamer, pad: int, exact: bool) -> tuple[torch.Tensor, dict]:
-    forced = {"min_new_tokens": new_tokens} if exact else {}
+    forced = {"eos_token_id": None} if exact else {}
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,

@@ -7,7 +7,7 @@ import torch
 import llmbin
 from llmbin.cli import main
 from llmbin.errors import LlmbinError
-from llmbin.evaluate.generation import timed_generate
+from llmbin.evaluate.generation import time_decode, timed_generate
 from tests.conftest import packed_checkpoint, tiny_model
 
 PROMPT = "the model binary weight scale layer"
@@ -35,6 +35,18 @@ def test_the_timed_text_is_the_greedy_continuation(tokenizer, capsys):
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
     assert capsys.readouterr().out.strip() == text.strip()  # streamed as it came
     assert timed_generate(model, tokenizer, PROMPT, max_new_tokens=1, echo=False)["decode_tokens_per_s"] is None
+
+
+def test_a_timed_decode_runs_past_end_of_text_as_plain_greedy_decoding(tokenizer):
+    # the benchmark's tokens are the greedy ones, all of them, even when end-of-text comes first
+    model = tiny_model()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    model.generation_config.eos_token_id = None
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generation_config.eos_token_id = int(greedy[0, ids.shape[1]])  # the first new token ends the text
+    out, timing = time_decode(model, ids, 8)
+    assert torch.equal(out, greedy) and timing["new_tokens"] == 8
+    assert model.generation_config.eos_token_id == int(greedy[0, ids.shape[1]])  # the model's own setting is kept
 
 
 def test_generate_on_a_checkpoint_streams_its_text_and_reports_speeds(saved, tokenizer, tmp_path, capsys):
