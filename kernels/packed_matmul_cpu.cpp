@@ -574,8 +574,21 @@ std::pair<std::vector<std::string>, std::vector<std::string>> plan_fields() {
   return {{LLMBIN_PLAN_TENSORS(LLMBIN_NAME)}, {LLMBIN_PLAN_INTS(LLMBIN_NAME)}};
 }
 
-Plan make_plan(const PlanTensors& tensors, const PlanInts& ints) {
-  const PlanArgs a = plan_args(tensors, ints);
+// The two lists as the dispatcher passes them (torch.ops.llmbin_cpu.linear).
+PlanArgs plan_args(at::TensorList tensors, at::IntArrayRef ints) {
+  TORCH_CHECK(tensors.size() == kPlanTensors && ints.size() == kPlanInts, "a plan is ", kPlanTensors, " tensors and ",
+              kPlanInts, " integers (KernelPlan.op_args()), not ", tensors.size(), " and ", ints.size());
+  size_t t = 0, i = 0;
+#define LLMBIN_LIST_TENSOR(name) tensors[t++],
+#define LLMBIN_LIST_INT(name) ints[i++],
+  return PlanArgs{LLMBIN_PLAN_TENSORS(LLMBIN_LIST_TENSOR) LLMBIN_PLAN_INTS(LLMBIN_LIST_INT)};
+}
+
+Plan make_plan(const PlanArgs& a);
+
+Plan make_plan(const PlanTensors& tensors, const PlanInts& ints) { return make_plan(plan_args(tensors, ints)); }
+
+Plan make_plan(const PlanArgs& a) {
   TORCH_CHECK(a.planes.dtype() == at::kByte && a.planes.dim() == 3 && a.planes.is_contiguous(),
               "planes: contiguous uint8 (P, N, B)");
   TORCH_CHECK(a.planes.size(2) % 8 == 0, "planes rows must be whole 64-bit words");
@@ -842,8 +855,7 @@ void decode_rows(const PlanTensors& plan_tensors, const PlanInts& plan_ints, int
 
 // The whole small-batch layer call in one crossing from Python: any leading shape and float
 // dtype in, the same out (per-call Python work would otherwise cost more than a small layer).
-at::Tensor linear(const at::Tensor& x, const PlanTensors& plan_tensors, const PlanInts& plan_ints, int64_t isa) {
-  const Plan p = make_plan(plan_tensors, plan_ints);
+at::Tensor linear_with(const at::Tensor& x, const Plan& p, int64_t isa) {
   const int64_t K = p.K;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must end in K features");
   std::vector<int64_t> sizes = x.sizes().vec();
@@ -857,6 +869,10 @@ at::Tensor linear(const at::Tensor& x, const PlanTensors& plan_tensors, const Pl
   at::Tensor out = at::empty({x2.size(0), p.N}, x2.options());
   run(p, x2.data_ptr<float>(), x2.size(0), isa, out.data_ptr<float>());
   return out.view(sizes).to(x.scalar_type());
+}
+
+at::Tensor linear(const at::Tensor& x, const PlanTensors& plan_tensors, const PlanInts& plan_ints, int64_t isa) {
+  return linear_with(x, make_plan(plan_tensors, plan_ints), isa);
 }
 
 std::vector<std::string> available_isas() {
@@ -874,6 +890,39 @@ void table_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
                   at::Tensor& out, bool simd);  // table_matvec_cpu.cpp
 void kron_transform(const at::Tensor& x, const at::Tensor& signs, int64_t hadamard, const at::Tensor& odd,
                     bool transpose, at::Tensor& out, bool simd);  // rotate_cpu.cpp
+
+// The small-batch kernels as dispatcher operators, torch.ops.llmbin_cpu.* (their schemas and fake
+// implementations are defined in Python, beside the torch.ops.llmbin operators they shortcut). A
+// compiled decode step calls these from its graph with no Python in between: the torch.ops.llmbin
+// operators are implemented in Python, to choose a path per call, and each of a step's hundreds of
+// calls paid about 10 us for the round trip.
+namespace {
+
+at::Tensor linear_op(const at::Tensor& x, at::TensorList plan_tensors, at::IntArrayRef plan_ints, int64_t isa) {
+  return linear_with(x, make_plan(plan_args(plan_tensors, plan_ints)), isa);
+}
+
+at::Tensor rotate_op(const at::Tensor& x, const at::Tensor& signs, int64_t hadamard, const at::Tensor& odd,
+                     bool transpose) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  kron_transform(x.contiguous(), signs, hadamard, odd, transpose, out, true);
+  return out;
+}
+
+at::Tensor table_linear_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits,
+                           int64_t group) {
+  at::Tensor out = at::empty({x.size(0), scale.size(0)}, x.options());
+  table_linear(x.contiguous(), codes, scale, bits, group, out, true);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmbin_cpu, CPU, m) {
+  m.impl("linear", &linear_op);
+  m.impl("rotate", &rotate_op);
+  m.impl("table_linear", &table_linear_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T for any leading shape and float dtype (small batches)");

@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..errors import LlmbinError, missing_path
 
 try:
@@ -189,6 +191,14 @@ def _fall_back(reason: str) -> None:
                   "path. Install a C++ compiler (g++ or clang, or set CXX) and ninja to get it; "
                   "LLMBIN_KERNEL_VERBOSE=1 shows the build", stacklevel=3)
     return None
+
+
+@torch.compiler.assume_constant_result
+def cpu_ops_ready() -> bool:
+    """Whether the extension is loaded, and with it the CPU kernels of the ``torch.ops.llmbin_cpu``
+    operators (registered by the C++ module, which a compiled graph calls with no Python between).
+    A constant to a trace, which never builds the extension: ``prepare_decode`` loads it first."""
+    return extension.cache_info().currsize > 0 and extension() is not None
 
 
 @functools.lru_cache(maxsize=None)

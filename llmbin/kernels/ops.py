@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .cpu import ISAS, extension
+from .cpu import ISAS, cpu_ops_ready, extension
 from .plan import PLAN_INTS, PLAN_TENSORS, KernelPlan, plan_decode
 from .tuning import TUNING
 
@@ -36,9 +36,14 @@ def _cpu_has_lut() -> bool:
     return ext is not None and "avx2-lut" in ext.available_isas()
 
 
+@torch.compiler.assume_constant_result  # read while tracing, as a constant (a trace cannot enter the cache)
+def _lut_available() -> bool:
+    return _cpu_has_lut()
+
+
 def _matvec(batch: int, n_bit: int, isa: int, tiles: Tensor) -> bool:
     """Whether the packed-bit matrix-vector kernel (not band decode + GEMM) serves this batch."""
-    lut = isa == ISAS["avx2-lut"] or (isa == ISAS["auto"] and tiles.numel() > 0 and _cpu_has_lut())
+    lut = isa == ISAS["avx2-lut"] or (isa == ISAS["auto"] and tiles.numel() > 0 and _lut_available())
     return batch * max(n_bit, 1) <= (LUT_MAX_WORK if lut else MATVEC_MAX_WORK)
 
 
@@ -103,6 +108,21 @@ _LIB.impl("packed_linear", _packed_linear_cuda, "CUDA")
 torch.library.register_fake("llmbin::packed_linear", _packed_linear_fake, lib=_LIB)
 
 
+# ``torch.ops.llmbin_cpu.linear``: the small-batch C++ entry point (``ext.linear``: any leading shape,
+# the result in ``x``'s dtype) as an operator of its own, whose CPU kernel the C++ module registers
+# when it loads. A compiled graph calls it where ``packed_linear`` below finds a small batch while
+# tracing; through ``llmbin::packed_linear`` each call would go back into Python (about 10 us).
+_CPU_LIB = torch.library.Library("llmbin_cpu", "FRAGMENT")
+_CPU_LIB.define("linear(Tensor x, Tensor[] plan_tensors, int[] plan_ints, int isa) -> Tensor")
+
+
+def _cpu_linear_fake(x, plan_tensors, plan_ints, isa):
+    return x.new_empty(*x.shape[:-1], plan_ints[PLAN_INTS.index("out_features")])
+
+
+torch.library.register_fake("llmbin_cpu::linear", _cpu_linear_fake, lib=_CPU_LIB)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_no_triton() -> None:
     warnings.warn("llmbin: Triton is not installed, so packed layers on CUDA decode their weights with plain torch "
@@ -118,6 +138,9 @@ def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
         if ext is not None and _matvec(x.numel() // plan.in_features, plan.n_bit_products, ISAS[isa], plan.tiles):
             return ext.linear(x, *plan.op_args(), ISAS[isa])
         y = _packed_linear_cpu(x.reshape(-1, x.shape[-1]), plan, ISAS[isa])
+    elif x.is_cpu and cpu_ops_ready() and _matvec(x.numel() // plan.in_features, plan.n_bit_products, ISAS[isa],
+                                                  plan.tiles):
+        return torch.ops.llmbin_cpu.linear(x, *plan.op_args(), ISAS[isa])  # traced: the C++ kernel, called directly
     else:
         y = torch.ops.llmbin.packed_linear(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])
     return y.reshape(*x.shape[:-1], plan.out_features).to(x.dtype)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..packing.table import QuantTable
-from .cpu import extension
+from .cpu import cpu_ops_ready, extension
 from .tuning import TUNING
 
 MATVEC_MAX_ROWS, BAND_BYTES = TUNING.half_max_rows, TUNING.band_bytes
@@ -46,6 +46,13 @@ _LIB.impl("table_linear", _table_linear_2d, "CPU")
 _LIB.impl("table_linear", _table_linear_2d, "CUDA")
 torch.library.register_fake("llmbin::table_linear", _table_linear_fake, lib=_LIB)
 
+# ``torch.ops.llmbin_cpu.table_linear``: the C++ kernel as an operator whose CPU kernel the C++ module
+# registers when it loads. A compiled graph calls it for small batches, with no Python between.
+_CPU_LIB = torch.library.Library("llmbin_cpu", "FRAGMENT")
+_CPU_LIB.define("table_linear(Tensor x, Tensor codes, Tensor scale, int bits, int group) -> Tensor")
+torch.library.register_fake("llmbin_cpu::table_linear",
+                            lambda x, codes, scale, bits, group: x.new_empty(x.shape[0], scale.shape[0]), lib=_CPU_LIB)
+
 
 def table_linear(x: Tensor, table: QuantTable, use_kernel: bool = True) -> Tensor:
     """``x`` (..., K) float -> ``x @ Ŵᵀ`` (..., N) in ``x``'s dtype (the kernel serves float32 on the CPU)."""
@@ -55,6 +62,10 @@ def table_linear(x: Tensor, table: QuantTable, use_kernel: bool = True) -> Tenso
     x2 = x.reshape(-1, K)
     use_kernel = use_kernel and x.dtype == torch.float32
     compiling = torch.compiler.is_compiling()
-    out = (torch.ops.llmbin.table_linear if compiling else _table_linear_2d)(
-        x2, table.codes, table.scale, table.bits, table.group_size, use_kernel)
+    if (compiling and use_kernel and x2.is_cpu and table.codes.is_cpu and x2.shape[0] <= MATVEC_MAX_ROWS
+            and cpu_ops_ready()):
+        out = torch.ops.llmbin_cpu.table_linear(x2, table.codes, table.scale, table.bits, table.group_size)
+    else:
+        out = (torch.ops.llmbin.table_linear if compiling else _table_linear_2d)(
+            x2, table.codes, table.scale, table.bits, table.group_size, use_kernel)
     return out.view(*x.shape[:-1], N)

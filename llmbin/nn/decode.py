@@ -22,6 +22,7 @@ from transformers import AttentionInterface, CompileConfig
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..kernels.cpu import extension
 from .binary_linear import BinaryLinear
 
 DECODE_ATTENTION = "llmbin_sdpa"
@@ -59,6 +60,7 @@ def _skip_plan_tensor_guards(entries) -> list[bool]:
 def prepare_decode(model: nn.Module, compile: bool = True, fullgraph: bool = False) -> nn.Module:
     """Set ``model`` up for fast ``generate``: kernel plans built, static cache, compiled decode step
     (``compile``; ``fullgraph=True`` makes a graph break an error rather than a slow path). Returns it."""
+    extension()  # loaded before any trace, so that the graph calls the C++ kernels directly (kernels.cpu_ops_ready)
     for module in model.modules():
         if isinstance(module, BinaryLinear):
             module.kernel_plan()  # the full plan (table-lookup tiles, salient lists): what one-token steps run
