@@ -32,11 +32,11 @@ CATEGORIES = ("packed layers", "16-bit or table layers", "rotations", "attention
 def category(op: str, shapes: list) -> str:
     """The part of a decode step an op belongs to. Without the rotation kernel a rotation is torch's
     products with its square Kronecker factors, the only square right operands of ``aten::mm`` here."""
-    if op == "llmbin::packed_linear":
+    if op in ("llmbin::packed_linear", "llmbin_cpu::linear"):
         return "packed layers"
-    if op in ("llmbin::half_linear", "llmbin::table_linear"):
+    if op in ("llmbin::half_linear", "llmbin::table_linear", "llmbin_cpu::table_linear"):
         return "16-bit or table layers"
-    if op == "llmbin::rotate" or (op == "aten::mm" and len(shapes) > 1 and len(shapes[1]) == 2
+    if op in ("llmbin::rotate", "llmbin_cpu::rotate") or (op == "aten::mm" and len(shapes) > 1 and len(shapes[1]) == 2
                                   and shapes[1][0] == shapes[1][1]):
         return "rotations"
     if op == "aten::bmm":

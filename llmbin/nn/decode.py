@@ -16,6 +16,8 @@ The first ``generate`` call compiles (tens of seconds to minutes); later calls w
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers import AttentionInterface, CompileConfig
@@ -60,7 +62,8 @@ def _skip_plan_tensor_guards(entries) -> list[bool]:
 def prepare_decode(model: nn.Module, compile: bool = True, fullgraph: bool = False) -> nn.Module:
     """Set ``model`` up for fast ``generate``: kernel plans built, static cache, compiled decode step
     (``compile``; ``fullgraph=True`` makes a graph break an error rather than a slow path). Returns it."""
-    extension()  # loaded before any trace, so that the graph calls the C++ kernels directly (kernels.cpu_ops_ready)
+    if any(t.is_cpu for t in itertools.chain(model.parameters(), model.buffers())):
+        extension()  # loaded before any trace, so the graph calls the C++ kernels directly (kernels.cpu_ops_ready)
     for module in model.modules():
         if isinstance(module, BinaryLinear):
             module.kernel_plan()  # the full plan (table-lookup tiles, salient lists): what one-token steps run

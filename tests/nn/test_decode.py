@@ -85,6 +85,20 @@ def test_a_compiled_layer_without_its_plan_names_the_fix(monkeypatch):
     assert layer.kernel_plan(1) is layer._plan[1]  # once built, the trace reads the full plan
 
 
+def test_prepare_decode_loads_the_cpu_kernels_only_for_a_model_on_the_cpu(monkeypatch):
+    # loaded before the trace so the graph calls them directly; a GPU model must not build them
+    import llmbin.nn.decode as decode
+
+    loads = []
+    monkeypatch.setattr(decode, "extension", lambda: loads.append(1))
+    with torch.device("meta"):
+        model = tiny_model()
+    llmbin.prepare_decode(model, compile=False)
+    assert loads == []
+    llmbin.prepare_decode(tiny_model(), compile=False)
+    assert loads == [1]
+
+
 def test_prepare_decode_without_compile_keeps_eager_steps_with_a_static_cache():
     model = llmbin.prepare_decode(tiny_model(), compile=False)
     assert model.generation_config.cache_implementation == "static"
