@@ -25,6 +25,18 @@ def test_kernel_matches_the_dense_float64_transform(ext, n, transpose, simd):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("n", [8, 16, 64, 4096])
+def test_the_vector_walsh_hadamard_transform_adds_as_the_portable_loop_does(ext, n):
+    # powers of two are the transform alone: AVX2 and the portable loop agree bit for bit
+    T = OrthogonalTransform(n, seed=5)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
+    for transpose in (False, True):
+        simd, portable = torch.empty_like(x), torch.empty_like(x)
+        ext.kron_transform(x, T.signs, n, torch.empty(0, 0), transpose, simd, True)
+        ext.kron_transform(x, T.signs, n, torch.empty(0, 0), transpose, portable, False)
+        assert torch.equal(simd, portable)
+
+
 @pytest.mark.parametrize("rows", [1, 8, 9, 40])
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_every_path_gives_the_transform_and_its_inverse(ext, rows, use_kernel):
