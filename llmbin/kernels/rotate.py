@@ -53,9 +53,8 @@ torch.library.register_fake("llmbin::rotate", _rotate_fake, lib=_LIB)
 # registers when it loads. A compiled graph calls it for small batches, with no Python between.
 _CPU_LIB = torch.library.Library("llmbin_cpu", "FRAGMENT")
 _CPU_LIB.define("rotate(Tensor x, Tensor signs, int hadamard, Tensor odd, bool transpose) -> Tensor")
-torch.library.register_fake("llmbin_cpu::rotate",
-                            lambda x, signs, hadamard, odd, transpose: torch.empty_like(x, memory_format=torch.contiguous_format),
-                            lib=_CPU_LIB)
+torch.library.register_fake("llmbin_cpu::rotate", lambda x, signs, hadamard, odd, transpose: _rotate_fake(
+    x, [], signs, transpose), lib=_CPU_LIB)
 
 
 def rotate(x: Tensor, transform: OrthogonalTransform, transpose: bool = False, use_kernel: bool = True) -> Tensor:

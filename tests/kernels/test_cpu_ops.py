@@ -70,7 +70,8 @@ def test_each_operator_passes_opcheck(ext):
     torch.library.opcheck(torch.ops.llmbin_cpu.rotate.default, (torch.randn(2, 96), T.signs, 96 // odd.shape[0], odd,
                                                                  True))
     table = QuantTable.quantize(torch.randn(9, 40), 8, 8)
-    torch.library.opcheck(torch.ops.llmbin_cpu.table_linear.default, (torch.randn(2, 40), table.codes, table.scale, 8, 8))
+    torch.library.opcheck(torch.ops.llmbin_cpu.table_linear.default,
+                          (torch.randn(2, 40), table.codes, table.scale, 8, 8))
 
 
 def test_without_the_extension_loaded_a_trace_keeps_the_python_operators(ext, monkeypatch):
