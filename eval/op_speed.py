@@ -75,6 +75,7 @@ def rotate_part() -> dict:
     out = {}
     for n in (1536, 8960):
         T = OrthogonalTransform(n, 1)
+        # rotate._kernel_factors, spelled out so that trees from before it can be timed too
         odd = T.factors[-1] if T.factors and T.factors[-1].shape[0] % 2 else torch.empty(0, 0)
         x, y = torch.randn(1, n), torch.empty(1, n)
         out[f"{n} us"] = mean_us(lambda: ext.kron_transform(x, T.signs, n // max(1, odd.shape[0]), odd, False, y),

@@ -131,15 +131,15 @@ def _warn_no_triton() -> None:
 
 def packed_linear(x: Tensor, plan: KernelPlan, isa: str = "auto") -> Tensor:
     """``x @ Ŵᵀ`` for any leading shape of ``x``, in ``x``'s dtype."""
+    small = x.is_cpu and _matvec(x.numel() // plan.in_features, plan.n_bit_products, ISAS[isa], plan.tiles)
     if x.is_cpu and not torch.compiler.is_compiling():
         # Eager CPU calls skip the dispatcher (its Python round trip costs more than a small
         # layer), and small batches go to C++ in one call.
         ext = extension()
-        if ext is not None and _matvec(x.numel() // plan.in_features, plan.n_bit_products, ISAS[isa], plan.tiles):
+        if ext is not None and small:
             return ext.linear(x, *plan.op_args(), ISAS[isa])
         y = _packed_linear_cpu(x.reshape(-1, x.shape[-1]), plan, ISAS[isa])
-    elif x.is_cpu and cpu_ops_ready() and _matvec(x.numel() // plan.in_features, plan.n_bit_products, ISAS[isa],
-                                                  plan.tiles):
+    elif small and cpu_ops_ready():
         return torch.ops.llmbin_cpu.linear(x, *plan.op_args(), ISAS[isa])  # traced: the C++ kernel, called directly
     else:
         y = torch.ops.llmbin.packed_linear(x.reshape(-1, x.shape[-1]), *plan.op_args(), ISAS[isa])

@@ -19,11 +19,16 @@ from .tuning import TUNING
 MATVEC_MAX_ROWS, BAND_BYTES = TUNING.half_max_rows, TUNING.band_bytes
 
 
+def _kernel_serves(x2: Tensor, codes: Tensor, use_kernel: bool) -> bool:
+    """Whether the C++ kernel (where built) serves this call: a CPU batch of at most ``MATVEC_MAX_ROWS`` rows."""
+    return use_kernel and x2.is_cpu and codes.is_cpu and x2.shape[0] <= MATVEC_MAX_ROWS
+
+
 def _table_linear_2d(x2: Tensor, codes: Tensor, scale: Tensor, bits: int, group: int, use_kernel: bool = True) -> Tensor:
     N, K = scale.shape[0], x2.shape[1]
     out = x2.new_empty(x2.shape[0], N)
-    ext = extension() if use_kernel and x2.is_cpu and codes.is_cpu else None
-    if ext is not None and x2.shape[0] <= MATVEC_MAX_ROWS:
+    ext = extension() if _kernel_serves(x2, codes, use_kernel) else None
+    if ext is not None:
         ext.table_linear(x2.contiguous(), codes.contiguous(), scale.contiguous(), bits, group, out)
         return out
     table = QuantTable(codes, scale, bits, group, (N, K))
@@ -62,8 +67,7 @@ def table_linear(x: Tensor, table: QuantTable, use_kernel: bool = True) -> Tenso
     x2 = x.reshape(-1, K)
     use_kernel = use_kernel and x.dtype == torch.float32
     compiling = torch.compiler.is_compiling()
-    if (compiling and use_kernel and x2.is_cpu and table.codes.is_cpu and x2.shape[0] <= MATVEC_MAX_ROWS
-            and cpu_ops_ready()):
+    if compiling and _kernel_serves(x2, table.codes, use_kernel) and cpu_ops_ready():
         out = torch.ops.llmbin_cpu.table_linear(x2, table.codes, table.scale, table.bits, table.group_size)
     else:
         out = (torch.ops.llmbin.table_linear if compiling else _table_linear_2d)(
