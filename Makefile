@@ -9,7 +9,7 @@ OUT ?= runs
 # them from $LLMBIN_DATA and names no machine's folder.
 export LLMBIN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install test docs demo bench-methods bench-kernels bench-decode bench-zeroshot bench-scale bench-distributed clean
+.PHONY: install test docs demo bench-methods bench-kernels bench-decode bench-decode-7b bench-zeroshot bench-scale bench-distributed clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,21 @@ bench-decode: install
 	$(BIN)/python eval/llamacpp_peer.py quantize --dir $(LLAMACPP) --model smollm2-135m --types $(DECODE_TYPES) --nsamples 8 --seqlen 512
 	$(BIN)/python eval/decode_benchmark.py --out-dir $(OUT)/decode --model smollm2-135m --llamacpp $(LLAMACPP) \
 		--gguf-types $(DECODE_TYPES) --checkpoint pb-llm-10=$(or $(CHECKPOINT),$(OUT)/methods/pb-llm-10)
+
+# The same on a Llama-2-7B-shaped random model (decode speed does not depend on the values; 27 GB of disk): llmbin's
+# layouts as random codes, served as loaded checkpoints are, against llama.cpp's types of the same F16 weights.
+comma := ,
+DECODE_7B_TYPES ?= Q4_0,Q2_K,IQ2_XXS,IQ2_XS,IQ1_M,TQ1_0
+DECODE_7B_LAYOUTS ?= db-llm-fdb db-llm-fdb+tables8 pb-llm-10 binary-g64-rotated
+bench-decode-7b: install
+	$(BIN)/python eval/llamacpp_peer.py build --dir $(LLAMACPP)
+	$(BIN)/python eval/random_checkpoint.py llama-2-7b $(OUT)/llama-2-7b-random --gguf $(OUT)/llama-2-7b-random.F16.gguf
+	$(BIN)/python eval/llamacpp_peer.py quantize --dir $(LLAMACPP) --model $(OUT)/llama-2-7b-random.F16.gguf \
+		--types $(DECODE_7B_TYPES) --nsamples 1 --seqlen 512
+	$(BIN)/python eval/decode_benchmark.py --out-dir $(OUT)/decode-7b --model $(OUT)/llama-2-7b-random --repeats 2 \
+		--llamacpp $(LLAMACPP) --gguf-model $(OUT)/llama-2-7b-random.F16.gguf --gguf-types $(DECODE_7B_TYPES) \
+		$(foreach l,$(DECODE_7B_LAYOUTS),--layout $(l) --run layout:$(l)-fast) \
+		$(foreach t,$(subst $(comma), ,$(DECODE_7B_TYPES)),--run gguf:$(t))
 
 # Zero-shot accuracy (lm-eval, full sets) of SmolLM2 float and its PB-LLM checkpoint, scored in
 # shards saved under eval/results/zeroshot/ (kept in git) and merged into zeroshot.{json,md} there.

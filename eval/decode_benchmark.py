@@ -26,7 +26,8 @@ Contenders (``--run``, repeatable; all of them by default):
   nonsense, and it needs no calibrated checkpoint (a real model's shapes, or a 7B-shaped folder of
   ``eval/random_checkpoint.py``);
 * ``gguf:NAME`` for each ``--gguf NAME=FILE``, and ``gguf:TYPE`` for each of ``--gguf-types`` (the
-  files ``eval/llamacpp_peer.py quantize`` made of ``--model``: block linears in TYPE, embedding and
+  files ``eval/llamacpp_peer.py quantize`` made of ``--gguf-model``, by default ``--model``, such as the
+  7B shape's F16 file of ``eval/random_checkpoint.py --gguf``: block linears in TYPE, embedding and
   output matrix in F16 as llmbin keeps them): ``llama-bench -p 512 -n 128 -t THREADS`` on that file
   (``--llamacpp DIR`` from ``eval/llamacpp_peer.py build``).
 
@@ -90,14 +91,18 @@ def prompt_ids(tokenizer, tokens: int):
 
 def layout_model(model_name: str, spec: str):
     """``--model`` in float32 with every block linear random codes of ``spec`` (``LAYOUT[+tablesBITS]``),
-    finished as ``llmbin.quantize`` finishes a model (tables, storage rounding, 16-bit serving)."""
+    finished as ``llmbin.quantize`` finishes a model (tables, storage rounding, 16-bit serving). The model
+    is opened as quantization opens it (an empty skeleton when its weights stream): only the tensors
+    outside the block linears are read, so a 7B shape never exists in float32 (27 GB)."""
     import torch
 
     from llmbin.checkpoint.io import round_to_storage
     from llmbin.checkpoint.tensors import STORAGE_DTYPE
-    from llmbin.models import load_model
+    from llmbin.driver import module_name
+    from llmbin.models import decoder_layers, linear_layers, open_model
     from llmbin.nn.half_weights import serve_half_weights
     from llmbin.nn.table_weights import quantize_tables
+    from llmbin.placement import Placement, tensor_names
 
     sys.path.insert(0, str(Path(__file__).parent))
     from layout_speed import LAYOUTS, random_layout
@@ -105,13 +110,20 @@ def layout_model(model_name: str, spec: str):
     layout, _, table_bits = spec.partition("+tables")
     if layout not in LAYOUTS:
         sys.exit(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    model, tokenizer = load_model(model_name, torch.float32)
+    opened = open_model(model_name, torch.float32)
+    model = opened.model
+    if opened.streamed:  # read all but the block linears' weights, which random codes replace
+        blocks = decoder_layers(model)
+        prefix = module_name(model, blocks)
+        replaced = {f"{prefix}.{i}.{name}.weight" for i, block in enumerate(blocks) for name in linear_layers(block)}
+        Placement("cpu", opened.weights).onload(model, [n for n in tensor_names(model) if n not in replaced])
+        model.tie_weights()  # onloading replaced the embedding's Parameter; restore the tie to the head
     random_layout(model, layout)
     if table_bits:
         quantize_tables(model, int(table_bits), 64)
     round_to_storage(model)
     serve_half_weights(model, STORAGE_DTYPE)
-    return model, tokenizer
+    return model, opened.tokenizer
 
 
 def llmbin_worker(kind: str, target: str, threads: int, repeats: int, model_name: str = "") -> dict:
@@ -211,7 +223,7 @@ def llamacpp_file(root: Path | None, model: str, qtype: str) -> Path:
         sys.exit("--gguf-types needs --llamacpp DIR (eval/llamacpp_peer.py build --dir DIR)")
     source = source_gguf(model)
     if source.suffix != ".gguf":
-        sys.exit(f"--gguf-types needs --model to be a GGUF file (or smollm2-135m), not {model}")
+        sys.exit(f"--gguf-types needs --gguf-model (or --model) to be a GGUF file (or smollm2-135m), not {model}")
     path = type_file(root, source, qtype)
     if not path.is_file():
         sys.exit(f"{path} is missing; run: python eval/llamacpp_peer.py quantize --dir {root} --model {source} "
@@ -258,7 +270,9 @@ def main() -> None:
     p.add_argument("--gguf", action="append", default=[], help="NAME=FILE: a llama.cpp file of the same weights")
     p.add_argument("--llamacpp", type=Path, help="eval/llamacpp_peer.py's --dir (for llama-bench)")
     p.add_argument("--gguf-types", default="", help="TYPE,...: the files eval/llamacpp_peer.py quantize made of "
-                   "--model in --llamacpp")
+                   "--gguf-model in --llamacpp")
+    p.add_argument("--gguf-model", help="the GGUF those files were made of (default: --model; the random 7B shape's "
+                   "F16 file from eval/random_checkpoint.py --gguf)")
     p.add_argument("--run", action="append", help="only these contenders (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -281,7 +295,7 @@ def main() -> None:
         name, path = spec.split("=", 1)
         contenders[f"gguf:{name}"] = ("gguf", path)
     for qtype in filter(None, args.gguf_types.split(",")):
-        contenders[f"gguf:{qtype}"] = ("gguf", str(llamacpp_file(args.llamacpp, args.model, qtype)))
+        contenders[f"gguf:{qtype}"] = ("gguf", str(llamacpp_file(args.llamacpp, args.gguf_model or args.model, qtype)))
     unknown = set(args.run or []) - set(contenders)
     if unknown:
         sys.exit(f"unknown contenders {sorted(unknown)}; known: {', '.join(contenders)}")

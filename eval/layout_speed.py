@@ -30,12 +30,14 @@ from kernel_benchmark import copies_for, last_level_cache_bytes, time_calls
 
 QWEN_BLOCK = {"q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),
               "gate_proj": (8960, 1536), "up_proj": (8960, 1536), "down_proj": (1536, 8960)}
-LAYOUTS = {  # the layouts of published recipes: (planes, group size (0: one group per row), a mean, rotated input)
-    "binary-g64": (1, 64, True, False),  # binary-g64-rotated without its rotation: 1.5 bits
-    "binary-g64-rotated": (1, 64, True, True),
-    "db-llm-fdb": (2, 0, True, False),  # FDB: two planes, α per plane and μ per row, about 2.02 bits
-    "db-llm-fdb-rotate-input": (2, 0, True, True),  # the Qwen page's best point at about 2 bits
-    "sign-per-row": (1, 0, False, False),  # rtn-sign and BinaryLinear.from_float
+LAYOUTS = {  # the layouts of published recipes: (planes, group size (0: one group per row), a mean, rotated input,
+    # salient fraction: PB-LLM's 8-bit values at random positions, as spread as its chosen ones)
+    "binary-g64": (1, 64, True, False, 0.0),  # binary-g64-rotated without its rotation: 1.5 bits
+    "binary-g64-rotated": (1, 64, True, True, 0.0),
+    "db-llm-fdb": (2, 0, True, False, 0.0),  # FDB: two planes, α per plane and μ per row, about 2.02 bits
+    "db-llm-fdb-rotate-input": (2, 0, True, True, 0.0),  # the Qwen page's best point at about 2 bits
+    "pb-llm-10": (1, 0, True, False, 0.1),  # PB-LLM 10 %: a plane with α and μ per row, 10 % 8-bit salient values
+    "sign-per-row": (1, 0, False, False, 0.0),  # rtn-sign and BinaryLinear.from_float
 }
 
 
@@ -44,14 +46,22 @@ def random_packed(layout: str, N: int, K: int, seed: int):
     from llmbin.packing.packed_weight import PackedWeight
     from llmbin.packing.rotation import LayerRotation
 
-    planes, group_size, mean, rotated = LAYOUTS[layout]
+    planes, group_size, mean, rotated, salient = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
     gs = group_size or K
     G = -(-K // gs)
     bits = torch.rand(planes, N, K, generator=g) < 0.5
     alpha = (torch.rand(planes, N, G, generator=g) + 0.1) * 0.02
     mu = torch.randn(1, N, G, generator=g) * 0.002 if mean else None
-    pw = PackedWeight.from_codes(bits, alpha, mu, gs, terms=[(p, 0) for p in range(planes)], means=[0] if mean else [])
+    extra = {}
+    if salient:
+        mask = torch.zeros(N * K, dtype=torch.bool)
+        mask[torch.randperm(N * K, generator=g)[:round(salient * N * K)]] = True  # PB-LLM's count (salient_mask)
+        extra = dict(salient_mask=mask.view(N, K),
+                     salient_mag=torch.randint(0, 128, (N, K), generator=g, dtype=torch.int16),
+                     salient_scale=(torch.rand(N, generator=g) + 0.1) * 0.001, salient_bits=8)
+    pw = PackedWeight.from_codes(bits, alpha, mu, gs, terms=[(p, 0) for p in range(planes)], means=[0] if mean else [],
+                                 **extra)
     return dataclasses.replace(pw, rotation=LayerRotation(seed)) if rotated else pw
 
 

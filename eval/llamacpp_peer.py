@@ -14,7 +14,7 @@ Steps (each one resumable: a finished output is kept and skipped):
 * ``float``: the float model both sides start from. The source file's weights (Q4_K_M for
   Qwen2.5-Coder-1.5B) dequantized with the ``gguf`` package and written as an F32 GGUF, every other
   field copied. These are exactly the weights llmbin loads from the same file (transformers
-  dequantizes with the same package).
+  dequantizes with the same package). An F16 source (the random 7B shape) is used as it is.
 * ``imatrix``: llama.cpp's importance matrix on llmbin's calibration windows (wikitext-2-v1 validation,
   seed 0, 32 x 2048 by default), written as text and re-tokenized by llama.cpp.
 * ``quantize``: the float model to each type with that importance matrix. The token embedding and the
@@ -72,7 +72,8 @@ def build(root: Path, jobs: int) -> None:
 
 
 def float_model(root: Path, model: Path) -> Path:
-    """The source GGUF with every tensor dequantized to F32, metadata copied."""
+    """The source GGUF with every tensor dequantized to F32, metadata copied; a source whose tensors
+    are all F16 or F32 already (``eval/random_checkpoint.py --gguf``) is its own float model."""
     out = root / (model.stem + ".F32.gguf")
     if out.is_file():
         return out
@@ -80,6 +81,8 @@ def float_model(root: Path, model: Path) -> Path:
     import numpy as np
 
     reader = gguf.GGUFReader(str(model))
+    if all(t.tensor_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) for t in reader.tensors):
+        return model
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(out) + ".partial", arch)
     for name, field in reader.fields.items():
@@ -106,7 +109,7 @@ def float_model(root: Path, model: Path) -> Path:
 
 def calibration_text(root: Path, model: Path, nsamples: int, seqlen: int, seed: int) -> Path:
     """llmbin's calibration windows for this model, decoded to text (one window per paragraph)."""
-    out = root / f"calib-wikitext2-{nsamples}x{seqlen}-seed{seed}.txt"
+    out = root / f"{model_name(model)}-calib-wikitext2-{nsamples}x{seqlen}-seed{seed}.txt"  # its tokenizer's windows
     if out.is_file():
         return out
     from llmbin.data.calibration import calibration_windows
@@ -119,7 +122,8 @@ def calibration_text(root: Path, model: Path, nsamples: int, seqlen: int, seed: 
 
 
 def imatrix(root: Path, model: Path, args) -> Path:
-    out = root / f"imatrix-{args.nsamples}x{args.seqlen}-seed{args.seed}.gguf"  # llama.cpp's GGUF imatrix format
+    # llama.cpp's GGUF imatrix format; named by model, since one --dir serves several
+    out = root / f"{model_name(model)}-imatrix-{args.nsamples}x{args.seqlen}-seed{args.seed}.gguf"
     if out.is_file():
         return out
     text = calibration_text(root, model, args.nsamples, args.seqlen, args.seed)
@@ -130,9 +134,14 @@ def imatrix(root: Path, model: Path, args) -> Path:
     return out
 
 
+def model_name(model: Path) -> str:
+    """The stem the files made of ``model`` share (the source's type suffix dropped)."""
+    return Path(model).stem.split("-q4_k_m")[0].removesuffix(".F16")
+
+
 def type_file(root: Path, model: Path, qtype: str) -> Path:
     """Where ``quantize`` writes ``model`` in ``qtype`` (the one naming rule its readers share)."""
-    return root / f"{Path(model).stem.split('-q4_k_m')[0]}-{qtype}.gguf"
+    return root / f"{model_name(model)}-{qtype}.gguf"
 
 
 def source_gguf(model: str) -> Path:

@@ -6,8 +6,14 @@ config (``w3``, ``w4``, ...), so ``llmbin quantize`` and ``llmbin eval`` run on 
 text of random words (:func:`write_random_text`). Tensors are generated and written one shard at
 a time, so writing a 70B-shaped folder needs one shard of memory, not the model.
 
+``--gguf FILE`` also writes the folder's weights as an F16 GGUF for llama.cpp (``llama-quantize``
+and ``llama-bench`` on the same shapes and values: ``eval/decode_benchmark.py``), one tensor at a
+time, as llama.cpp's converter lays out a Llama: its tensor names, query and key rows permuted to
+its rotary layout, norms in F32, and a SentencePiece vocabulary of the folder's size.
+
     python eval/random_checkpoint.py llama-2-7b runs/scale/llama-2-7b-random
     python eval/random_checkpoint.py llama-2-70b runs/scale/llama-2-70b-random --layers 2
+    python eval/random_checkpoint.py llama-2-7b runs/scale/llama-2-7b-random --gguf runs/scale/llama-2-7b.F16.gguf
 """
 from __future__ import annotations
 
@@ -96,15 +102,103 @@ def write_checkpoint(folder: Path, config, seed: int = 0) -> int:
     return total
 
 
+def _rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Query or key rows in llama.cpp's rotary order (its converter's ``permute``): the pairs
+    (i, i + d/2) that Hugging Face rotates together become adjacent rows."""
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(folder: Path, out: Path) -> int:
+    """The folder's weights as a llama-architecture F16 GGUF; returns the bytes of tensor data."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    head_dim = config.hidden_size // config.num_attention_heads
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer.add_name(folder.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    # A SentencePiece vocabulary of the folder's size: its byte tokens (which llama.cpp needs to tokenize any
+    # text, as llama-imatrix does), then the folder's words. llama-bench feeds token ids, not text.
+    words = config.vocab_size - 3 - 256
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)),
+                           *(f"\u2581w{i}" for i in range(3 + 256, config.vocab_size))])
+    writer.add_token_scores([0.0] * config.vocab_size)
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    writer.add_token_types(types + [gguf.TokenType.NORMAL] * words)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def tensor(name: str) -> np.ndarray:
+        with safe_open(folder / index[name], "pt") as f:
+            value = f.get_tensor(name)
+        if name.endswith("q_proj.weight"):
+            value = _rotary_rows(value, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            value = _rotary_rows(value, config.num_key_value_heads)
+        return value.to(torch.float32 if value.dim() == 1 else torch.float16).numpy()
+
+    plan = []
+    for name in index:
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise SystemExit(f"{name} has no llama.cpp name")
+        with safe_open(folder / index[name], "pt") as f:
+            shape = f.get_slice(name).get_shape()
+        dtype = np.float32 if len(shape) == 1 else np.float16
+        writer.add_tensor_info(target, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        plan.append(name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = 0
+    for i, name in enumerate(plan):
+        value = tensor(name)
+        writer.write_tensor_data(value)
+        total += value.nbytes
+        if i % 50 == 0:
+            print(f"  {out.name}: {i + 1}/{len(plan)} tensors", flush=True)
+    writer.close()
+    partial.replace(out)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("folder", type=Path)
     parser.add_argument("--layers", type=int, help="decoder blocks (default: the real model's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", type=Path, help="also write the weights as an F16 GGUF for llama.cpp")
     args = parser.parse_args()
-    total = write_checkpoint(args.folder, llama_config(args.shape, args.layers), args.seed)
-    print(f"wrote {args.folder}: {total / 2**30:.2f} GiB of bf16 weights")
+    if (args.folder / "model.safetensors.index.json").is_file() and args.gguf:
+        print(f"{args.folder} exists: kept")  # the index is written last, so the folder is whole
+    else:
+        total = write_checkpoint(args.folder, llama_config(args.shape, args.layers), args.seed)
+        print(f"wrote {args.folder}: {total / 2**30:.2f} GiB of bf16 weights")
+    if args.gguf and args.gguf.is_file():
+        print(f"{args.gguf} exists: kept")  # written under a temporary name, then renamed: whole
+    elif args.gguf:
+        total = write_gguf(args.folder, args.gguf)
+        print(f"wrote {args.gguf}: {total / 2**30:.2f} GiB of tensors")
 
 
 if __name__ == "__main__":
