@@ -239,58 +239,35 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 // The codes form's salient sums, eight entries at a time: x gathered by column (a row of x is a
 // few KB, so the gathers hit L1), magnitudes widened from bytes. PB-LLM at 10 % has as many salient
 // entries per row as a quarter of its columns, and the scalar loop cost more than all the bits.
-// A part's last 1-7 entries take one masked gather (dead lanes read x[0] and add zero), and the
-// row's four sums one horizontal add: at SmolLM2's 576 columns a part has about 29 entries, and
-// scalar tails and per-part sums cost more than its vector steps. The last row's lists end the
-// arrays, so their tails stay scalar (a full 8-entry load would read past them).
-template <typename C, bool FULL>
-__attribute__((target("avx2,fma"), always_inline)) inline void salient_step(const C* col, const uint8_t* code,
-                                                                           const float* x, __m256i live, __m256& a,
-                                                                           __m256& t) {
-  __m256i idx;
-  if constexpr (sizeof(C) == 2)
-    idx = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col)));
-  else
-    idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
-  const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(code))));
-  __m256 xe;
-  if constexpr (FULL)
-    xe = _mm256_i32gather_ps(x, idx, 4);
-  else
-    xe = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, _mm256_and_si256(idx, live), _mm256_castsi256_ps(live), 4);
-  a = _mm256_fmadd_ps(m, xe, a);
-  t = _mm256_add_ps(t, xe);
-}
-
 template <typename C>
 __attribute__((target("avx2,fma"))) float salient_sum_codes_avx2(const Plan& p, const float* x, int64_t r) {
   const C* col = static_cast<const C*>(p.scol);
   const float* rc = p.srow + 4 * r;
-  const int64_t loadable = p.rowptr[2 * p.N] - 8;  // entries from which 8 can be loaded
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 total = _mm256_setzero_ps();
-  float scalar = 0.f;
+  float total = 0.f;
   for (int part = 0; part < 2; ++part) {
     __m256 a = _mm256_setzero_ps(), t = _mm256_setzero_ps();
     int64_t e = p.rowptr[2 * r + part];
     const int64_t end = p.rowptr[2 * r + part + 1];
-    for (; e + 8 <= end; e += 8) salient_step<C, true>(col + e, p.scode + e, x, lane, a, t);
-    if (e < end && e <= loadable) {
-      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(end - e)), lane);
-      salient_step<C, false>(col + e, p.scode + e, x, live, a, t);
-    } else {
-      float as = 0.f, ts = 0.f;
-      for (; e < end; ++e) {
-        const float xe = x[col[e]];
-        as += (float)p.scode[e] * xe;
-        ts += xe;
-      }
-      scalar += rc[2 * part] * as + rc[2 * part + 1] * ts;
+    for (; e + 8 <= end; e += 8) {
+      __m256i idx;
+      if constexpr (sizeof(C) == 2)
+        idx = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + e)));
+      else
+        idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + e));
+      const __m256 xe = _mm256_i32gather_ps(x, idx, 4);
+      const __m128i m8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.scode + e));
+      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m8)), xe, a);
+      t = _mm256_add_ps(t, xe);
     }
-    total = _mm256_fmadd_ps(_mm256_set1_ps(rc[2 * part]), a, total);
-    total = _mm256_fmadd_ps(_mm256_set1_ps(rc[2 * part + 1]), t, total);
+    float as = hsum256(a), ts = hsum256(t);
+    for (; e < end; ++e) {
+      const float xe = x[col[e]];
+      as += (float)p.scode[e] * xe;
+      ts += xe;
+    }
+    total += rc[2 * part] * as + rc[2 * part + 1] * ts;
   }
-  return hsum256(total) + scalar;
+  return total;
 }
 
 // 0/1 float masks for every byte value: row j is bit i of j in lane i. One 8 KiB table turns a
