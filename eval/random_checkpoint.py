@@ -148,6 +148,7 @@ def write_gguf(folder: Path, out: Path) -> int:
     writer.add_unk_token_id(0)
 
     def tensor(name: str) -> np.ndarray:
+        # a shard opened per tensor: a mapping held open would keep every page read resident (140 GB at 70B)
         with safe_open(folder / index[name], "pt") as f:
             value = f.get_tensor(name)
         if name.endswith("q_proj.weight"):
