@@ -41,7 +41,7 @@ def random_packed(layout: str, N: int, K: int, group_size: int, seed: int = 0) -
 
 
 # Relative error (of Σ|x|·|w|) of exact fp32 paths, and of the table-lookup path: its int16
-# tables are rounded to 1/8191 of each 64 columns' largest entry.
+# tables are rounded to 1/4095 of each 64 columns' largest entry.
 FP32_TOL, LUT_TOL = 2e-5, 5e-4
 
 
