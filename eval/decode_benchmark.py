@@ -76,8 +76,18 @@ def model_bytes_per_token(model) -> tuple[float, float]:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_width = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
-    element = torch.finfo(model.dtype).bits // 8
-    return float(total), kv_bytes(config.num_hidden_layers, kv_width, element, 1.0)
+    return float(total), kv_bytes(config.num_hidden_layers, kv_width, kv_element_bytes(model), 1.0)
+
+
+def kv_element_bytes(model) -> int:
+    """Bytes per cached key or value element, from the cache a one-token forward fills. Not
+    ``model.dtype``: a packed model's first floating tensor is a 16-bit embedding served as stored,
+    while its activations, and so its cache, are float32."""
+    import torch
+
+    with torch.no_grad():
+        cache = model(torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=True).past_key_values
+    return cache.layers[0].keys.element_size()
 
 
 def prompt_ids(tokenizer, tokens: int):
@@ -190,10 +200,10 @@ def gguf_bytes_per_token(path: Path) -> tuple[float, float]:
     return float(total), kv_bytes(field("block_count"), kv_heads * head_dim, 2, 1.0)
 
 
-def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
-    """``llama-bench -p 512 -n 128`` on ``path``; its peak RSS from the kernel's accounting of the child."""
-    cmd = [str(bench), "-m", str(path), "-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS), "-t", str(threads),
-           "-r", str(repeats), "-o", "json"]
+def run_llama_bench(bench: Path, path: Path, args: list[str], threads: int, repeats: int) -> tuple[list, float]:
+    """``llama-bench`` on ``path`` with ``args``: its JSON results and its peak RSS in MiB (from the
+    kernel's accounting of the child)."""
+    cmd = [str(bench), "-m", str(path), *args, "-t", str(threads), "-r", str(repeats), "-o", "json"]
     print("+", " ".join(cmd), flush=True)
     # a wrapper process whose only child is llama-bench, so that its children's peak RSS is llama-bench's
     wrap = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
@@ -201,8 +211,25 @@ def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
-    stdout, rss_kib = proc.stdout, int(proc.stderr.strip().splitlines()[-1])
-    results = json.loads(stdout)
+    return json.loads(proc.stdout), int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
+def llamacpp_after_prompt(bench: Path, path: Path, threads: int, repeats: int) -> dict:
+    """``llama-bench -n 128 -d 512``: decode after a 512-token context, as llmbin's rows decode after
+    the prompt. The issue's ``-p 512 -n 128`` decodes from an empty cache (mean position 64, against
+    576), which reads less of the KV cache per token."""
+    results, _ = run_llama_bench(bench, path, ["-p", "0", "-n", str(NEW_TOKENS), "-d", str(PROMPT_TOKENS)],
+                                 threads, repeats)
+    decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r.get("n_depth") == PROMPT_TOKENS)
+    _, kv_per_position = gguf_bytes_per_token(path)
+    return {"decode_after_prompt_tokens_per_s": decode["avg_ts"], "decode_after_prompt_runs": decode.get("samples_ts"),
+            "kv_bytes_per_token_after_prompt": kv_per_position * (PROMPT_TOKENS + NEW_TOKENS / 2)}
+
+
+def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
+    """``llama-bench -p 512 -n 128`` on ``path``, and its decode after the prompt (:func:`llamacpp_after_prompt`)."""
+    results, rss_mib = run_llama_bench(bench, path, ["-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS)], threads,
+                                       repeats)
     prefill = next(r for r in results if r["n_prompt"] == PROMPT_TOKENS and r["n_gen"] == 0)
     decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r["n_prompt"] == 0)
     weights, kv_per_position = gguf_bytes_per_token(path)
@@ -210,8 +237,9 @@ def llamacpp_row(bench: Path, path: Path, threads: int, repeats: int) -> dict:
             "decode_runs": decode.get("samples_ts"), "weight_bytes_per_token": weights,
             # llama-bench's tg test starts from an empty cache: its mean position is NEW_TOKENS / 2
             "kv_bytes_per_token": kv_per_position * NEW_TOKENS / 2,
-            "peak_rss_mib": rss_kib / 1024,
-            "build": results[0].get("build_commit"), "type": results[0].get("model_type")}
+            "peak_rss_mib": rss_mib,
+            "build": results[0].get("build_commit"), "type": results[0].get("model_type"),
+            **llamacpp_after_prompt(bench, path, threads, repeats)}
 
 
 def llamacpp_file(root: Path | None, model: str, qtype: str) -> Path:
@@ -244,8 +272,9 @@ def markdown(result: dict) -> str:
     lines = [f"Decode benchmark: {result['model']}, batch 1, greedy, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new "
              f"tokens, {result['threads']} threads; {result['machine']}; copy bandwidth "
              f"{result['copy_bandwidth_gbs']:.1f} GB/s.", "",
-             "| contender | bytes/token MB | prefill tok/s | decode tok/s | × bf16 float | % of bytes limit | "
-             "peak RSS MiB | warm-up s | tokens as eager |", "|---|---|---|---|---|---|---|---|---|"]
+             "| contender | bytes/token MB | prefill tok/s | decode tok/s | decode tok/s after the prompt | "
+             "× bf16 float | % of bytes limit | peak RSS MiB | warm-up s | tokens as eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         per_token = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
         limit = result["copy_bandwidth_gbs"] * 1e9 / per_token
@@ -255,8 +284,11 @@ def markdown(result: dict) -> str:
         warm = f"{row['warmup_seconds']:.0f}" if "warmup_seconds" in row else "n/a"
         eager = rows.get(name[: -len("-fast")]) if name.endswith("-fast") else None
         same = "n/a" if eager is None else ("same" if eager.get("tokens") == row.get("tokens") else "differ")
-        lines.append(f"| {name} | {per_token / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | {decode:.1f} | {ratio} | "
-                     f"{100 * decode / limit:.0f} % | {rss} | {warm} | {same} |")
+        # llmbin's rows decode after the prompt; llama-bench's tg test from an empty cache, so its rows add -d 512
+        after = row.get("decode_after_prompt_tokens_per_s", decode if row.get("kind") != "gguf" else None)
+        after = "n/a" if after is None else f"{after:.1f}"
+        lines.append(f"| {name} | {per_token / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | {decode:.1f} | {after} | "
+                     f"{ratio} | {100 * decode / limit:.0f} % | {rss} | {warm} | {same} |")
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +338,12 @@ def main() -> None:
             continue
         path = saved / f"{name.replace(':', '-')}.json"
         if path.exists() and not args.fresh:
+            row = json.loads(path.read_text())
+            if kind == "gguf" and "decode_after_prompt_tokens_per_s" not in row and args.llamacpp is not None:
+                # a row saved before the after-prompt figure existed: measure that alone
+                row.update(llamacpp_after_prompt(args.llamacpp / "build" / "bin" / "llama-bench", Path(target),
+                                                 args.threads, args.repeats))
+                path.write_text(json.dumps(row, indent=1))
             print(f"{name}: kept ({path})")
             continue
         if kind == "gguf":

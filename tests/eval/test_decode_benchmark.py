@@ -3,7 +3,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
-from decode_benchmark import layout_model
+from decode_benchmark import kv_element_bytes, layout_model, model_bytes_per_token
 from safetensors.torch import load_file
 
 import llmbin.models
@@ -58,3 +58,12 @@ def test_a_layout_model_reads_all_but_the_block_linears(tiny_sharded_dir, monkey
 def test_an_unknown_layout_is_refused(tiny_sharded_dir):
     with pytest.raises(SystemExit, match="unknown layout 'pb-llm-3'"):
         layout_model(str(tiny_sharded_dir), "pb-llm-3")
+
+
+def test_the_kv_bytes_are_the_caches_own(tiny_sharded_dir):
+    model, _ = layout_model(str(tiny_sharded_dir), "db-llm-fdb")
+    # the 16-bit embedding makes model.dtype half, but the activations and the cache are float32
+    assert model.dtype in (torch.float16, torch.bfloat16) and kv_element_bytes(model) == 4
+    c = model.config
+    width = c.num_key_value_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    assert model_bytes_per_token(model)[1] == c.num_hidden_layers * 2 * width * 4  # per cached position
