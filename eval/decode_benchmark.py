@@ -29,7 +29,9 @@ Contenders (``--run``, repeatable; all of them by default):
   files ``eval/llamacpp_peer.py quantize`` made of ``--gguf-model``, by default ``--model``, such as the
   7B shape's F16 file of ``eval/random_checkpoint.py --gguf``: block linears in TYPE, embedding and
   output matrix in F16 as llmbin keeps them): ``llama-bench -p 512 -n 128 -t THREADS`` on that file
-  (``--llamacpp DIR`` from ``eval/llamacpp_peer.py build``).
+  (``--llamacpp DIR`` from ``eval/llamacpp_peer.py build``), and ``-p 0 -n 128 -d 512``: its decode
+  after a 512-token context, as llmbin's rows decode after the prompt (``-n 128`` alone starts from an
+  empty cache).
 
     python eval/decode_benchmark.py --out-dir runs/decode --model smollm2-135m \\
         --checkpoint pb-llm-10=runs/methods/pb-llm-10 --llamacpp llamacpp --gguf-types Q4_0,Q2_K
@@ -86,8 +88,8 @@ def kv_element_bytes(model) -> int:
     import torch
 
     with torch.no_grad():
-        cache = model(torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=True).past_key_values
-    return cache.layers[0].keys.element_size()
+        out = model(torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=True)
+    return out.cache.layers[0].keys.element_size()
 
 
 def prompt_ids(tokenizer, tokens: int):
