@@ -37,7 +37,8 @@ Contenders (``--run``, repeatable; all of them by default):
         --checkpoint pb-llm-10=runs/methods/pb-llm-10 --llamacpp llamacpp --gguf-types Q4_0,Q2_K
 
 Writes ``decode.json`` and ``decode.md`` in ``--out-dir``. Each contender's result is saved as it
-finishes (``rows/NAME.json``) and kept, so an interrupted run resumes; ``--fresh`` re-measures.
+finishes (``rows/NAME.json``) and kept, so an interrupted run resumes; ``--fresh`` re-measures. A
+saved llmbin row whose kernel sources differ from the checkout's is measured again.
 """
 from __future__ import annotations
 
@@ -177,7 +178,17 @@ def llmbin_worker(kind: str, target: str, threads: int, repeats: int, model_name
             "decode_runs": [r["decode_tokens_per_s"] for r in runs], "warmup_seconds": warmup,
             "weight_bytes_per_token": weights, "kv_bytes_per_token": kv_per_position * position,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tokens": out[0, PROMPT_TOKENS:].tolist()}
+            "tokens": out[0, PROMPT_TOKENS:].tolist(), "kernel_sources": kernel_sources()}
+
+
+def kernel_sources() -> str:
+    """A digest of llmbin's C++ kernel sources: a saved llmbin row measured with other kernels is
+    measured again rather than put in one table with rows of these."""
+    import hashlib
+
+    from llmbin.kernels.cpu import SOURCES
+
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
 
 
 def gguf_bytes_per_token(path: Path) -> tuple[float, float]:
@@ -339,8 +350,12 @@ def main() -> None:
         if args.run and name not in args.run:
             continue
         path = saved / f"{name.replace(':', '-')}.json"
-        if path.exists() and not args.fresh:
-            row = json.loads(path.read_text())
+        row = json.loads(path.read_text()) if path.exists() and not args.fresh else None
+        if row is not None and kind != "gguf" and row.get("kernel_sources") != kernel_sources():
+            print(f"{name}: saved with other kernel sources ({row.get('kernel_sources', 'not recorded')}, now "
+                  f"{kernel_sources()}): measuring again", flush=True)
+            row = None
+        if row is not None:
             if kind == "gguf" and "decode_after_prompt_tokens_per_s" not in row and args.llamacpp is not None:
                 # a row saved before the after-prompt figure existed: measure that alone
                 row.update(llamacpp_after_prompt(args.llamacpp / "build" / "bin" / "llama-bench", Path(target),

@@ -1,5 +1,6 @@
-"""The decode benchmark's llama.cpp rows: llama-bench's figures as recorded, the decode after the
-prompt included (``-d 512``), and a row kept from before that figure gets it without a full rerun."""
+"""The decode benchmark's rows: llama-bench's figures as recorded, the decode after the prompt
+included (``-d 512``); a llama.cpp row kept from before that figure gets it without a full rerun,
+and a kept llmbin row measured with other kernel sources is measured again."""
 import json
 import stat
 import sys
@@ -57,3 +58,30 @@ def test_a_kept_row_gains_the_after_prompt_decode_alone(fake_bench, tmp_path, mo
     assert row["decode_tokens_per_s"] == 2.0 and row["decode_after_prompt_tokens_per_s"] == 15.0
     assert (fake_bench.parent / "llama-bench.log").read_text().count("\n") == 1  # the -d 512 run only
     assert "| gguf:m | 1000.1 | 1.0 | 2.0 | 15.0 |" in (out / "decode.md").read_text()
+
+
+@pytest.mark.parametrize("saved_sources, measured", [("0123456789ab", True), (None, True), ("current", False)])
+def test_a_kept_llmbin_row_from_other_kernels_is_measured_again(tmp_path, monkeypatch, saved_sources, measured):
+    out = tmp_path / "out"
+    (out / "rows").mkdir(parents=True)
+    current = decode_benchmark.kernel_sources()
+    saved = {"prefill_tokens_per_s": 1.0, "decode_tokens_per_s": 2.0, "weight_bytes_per_token": 1e8,
+             "kv_bytes_per_token": 1e6, "kind": "layout-fast", "target": "sign-per-row"}
+    if saved_sources:
+        saved["kernel_sources"] = current if saved_sources == "current" else saved_sources
+    (out / "rows" / "layout-sign-per-row-fast.json").write_text(json.dumps(saved))
+    workers = []
+
+    def worker(cmd, **kwargs):  # the measuring subprocess, stood in for
+        workers.append(cmd)
+        row = {**saved, "decode_tokens_per_s": 9.0, "kernel_sources": current}
+        return type("Done", (), {"returncode": 0, "stdout": json.dumps(row), "stderr": ""})()
+
+    monkeypatch.setattr(decode_benchmark.subprocess, "run", worker)
+    monkeypatch.setattr(decode_benchmark, "copy_bandwidth", lambda: 30.0)
+    monkeypatch.setattr(sys, "argv", ["decode_benchmark.py", "--out-dir", str(out), "--layout", "sign-per-row",
+                                      "--run", "layout:sign-per-row-fast"])
+    decode_benchmark.main()
+    row = json.loads((out / "rows" / "layout-sign-per-row-fast.json").read_text())
+    assert len(workers) == measured and row["decode_tokens_per_s"] == (9.0 if measured else 2.0)
+    assert row["kernel_sources"] == current
