@@ -63,8 +63,6 @@ def kv_bytes(layers: int, kv_width: int, element_bytes: int, position: float) ->
 
 def model_bytes_per_token(model) -> tuple[float, float]:
     """(weight bytes a decode step reads, KV bytes per cached position), from the loaded model."""
-    import torch
-
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
